@@ -1,0 +1,1 @@
+"""Demo, benchmark harness and the helpers they share with the tests."""

@@ -1,0 +1,177 @@
+"""One sampling run: policy, verifier, per-stream caches and stats together.
+
+The ComfyUI glue creates one ``SpeculativeRun`` when sampling starts, calls
+``begin_evaluation`` once per model evaluation, opens a ``Chunk`` for each batch the
+model is called with, and calls ``close`` when the run ends (also on error)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import CacheConfig
+from .forecasters import make_forecaster
+from .policy import Decision, Policy, StepMode
+from .state import StreamCache, tensor_signature
+from .stats import COMPUTED, FORECAST, REJECTED, RunStats
+from .verifier import Verifier
+
+
+class SpeculativeRun:
+    def __init__(self, config: CacheConfig, total_steps: int, *,
+                 start_time: float = float("inf"), end_time: float = float("-inf"),
+                 mode: str = ""):
+        self.config = config
+        self.policy = Policy(config, total_steps, start_time, end_time)
+        self.verifier = Verifier(config.metric, config.threshold,
+                                 config.threshold_decay, config.threshold_floor)
+        self.streams: dict = {}
+        self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps))
+        self.step_index = 0
+        self.time = float("nan")
+        self.decision: Decision | None = None
+        self._eval_outcome = None
+        self.closed = False
+
+    # ---- evaluation (one model call of the sampler, all chunks) -------------------
+    def begin_evaluation(self, time: float, step_index: int | None = None) -> Decision:
+        self._end_evaluation()
+        if step_index is not None:
+            self.step_index = int(step_index)
+        self.time = float(time)
+        has_history = bool(self.streams) and any(s.forecasters for s in self.streams.values())
+        self.decision = self.policy.decide(self.step_index, self.time, has_history)
+        self.stats.evaluations += 1
+        self._eval_outcome = None
+        return self.decision
+
+    @property
+    def progress(self) -> float:
+        return self.policy.progress(self.step_index)
+
+    def _mark(self, outcome: str) -> None:
+        # An evaluation is as bad as its worst chunk: computed > rejected > forecast.
+        rank = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
+        if self._eval_outcome is None or rank[outcome] > rank[self._eval_outcome]:
+            self._eval_outcome = outcome
+
+    def _end_evaluation(self) -> None:
+        outcome, self._eval_outcome = self._eval_outcome, None
+        if outcome is None:
+            return
+        self.stats.timeline.append(outcome)
+        kept_forecast = outcome == FORECAST or (outcome == REJECTED and self.config.on_reject == "next")
+        if kept_forecast:
+            self.stats.forecast += 1
+            self.policy.record_forecast()
+            if outcome == REJECTED:
+                # SpeCa's behaviour: the rejected forecast stands, the next step is full.
+                self.policy.request_full_next()
+        else:
+            # Computed, or rejected and recomputed ("redo").
+            self.stats.computed += 1
+            self.policy.record_full()
+
+    # ---- streams -----------------------------------------------------------------
+    def stream(self, key) -> StreamCache:
+        s = self.streams.get(key)
+        if s is None:
+            s = self.streams[key] = StreamCache(lambda: make_forecaster(self.config))
+            self.stats.streams += 1
+        return s
+
+    def cache_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.streams.values())
+
+    def chunk(self, stream_keys, batch: int, units_full: float) -> "Chunk":
+        return Chunk(self, list(stream_keys), batch, units_full)
+
+    # ---- end ---------------------------------------------------------------------
+    def close(self) -> RunStats:
+        """Finish the stats and drop every cached tensor. Safe to call twice."""
+        if not self.closed:
+            self._end_evaluation()
+            self.stats.cache_bytes = self.cache_bytes()
+            for s in self.streams.values():
+                s.reset()
+            self.streams.clear()
+            self.closed = True
+        return self.stats
+
+
+class Chunk:
+    """One model call: a batch whose rows belong to one or more streams, in order,
+    ``batch // len(streams)`` rows each (ComfyUI's layout of ``uuids``)."""
+
+    def __init__(self, run: SpeculativeRun, stream_keys: list, batch: int, units_full: float):
+        self.run = run
+        self.keys = stream_keys
+        n = max(len(stream_keys), 1)
+        if batch % n != 0:
+            raise ValueError(f"batch {batch} does not split into {n} streams")
+        self.rows = batch // n
+        self.units_full = float(units_full)
+        self.units = 0.0
+        self.errors: list[float] = []
+        self.rejected = False
+        self.nonfinite = False
+        run.stats.block_units_full += self.units_full
+
+    # tensors of this chunk are [batch, ...]: split them per stream
+    def split(self, t: torch.Tensor):
+        return [t[i * self.rows:(i + 1) * self.rows] for i in range(len(self.keys))]
+
+    def streams(self):
+        return [self.run.stream(k) for k in self.keys]
+
+    def can_forecast(self, names, like: dict[str, torch.Tensor] | None = None) -> bool:
+        """Every stream has a history for ``names`` (with per-stream shapes matching
+        ``like``, a dict of full-chunk tensors, when given)."""
+        sigs = None
+        if like is not None:
+            sigs = {n: tensor_signature(self.split(t)[0]) for n, t in like.items()}
+        return all(s.can_predict(names, sigs) for s in self.streams())
+
+    def predict(self, name: str) -> torch.Tensor:
+        t = self.run.time
+        parts = [s.predict(t, (name,))[name] for s in self.streams()]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out
+
+    def record(self, features: dict[str, torch.Tensor]) -> None:
+        """Store full-chunk features computed at this evaluation's time."""
+        per_stream = {n: self.split(v) for n, v in features.items()}
+        for i, s in enumerate(self.streams()):
+            s.update(self.run.time, {n: parts[i] for n, parts in per_stream.items()})
+        b = self.run.cache_bytes()
+        self.run.stats.peak_cache_bytes = max(self.run.stats.peak_cache_bytes, b)
+
+    def verify(self, pred: torch.Tensor, real: torch.Tensor) -> bool:
+        """Per-stream errors; the chunk passes only if every stream passes."""
+        run = self.run
+        ok = True
+        for p, r in zip(self.split(pred), self.split(real)):
+            err = run.verifier.error(p, r)
+            self.errors.append(err)
+            ok = ok and run.verifier.accepts(err, run.progress)
+        tau = run.verifier.threshold_at(run.progress)
+        run.stats.verified += 1
+        run.stats.errors.append((run.stats.evaluations - 1, run.time, max(self.errors), tau, ok))
+        if not ok:
+            run.stats.rejected += 1
+            self.rejected = True
+        return ok
+
+    def add_units(self, units: float) -> None:
+        self.units += units
+        self.run.stats.block_units += units
+
+    def finish(self, outcome: str) -> None:
+        """outcome: COMPUTED, FORECAST or REJECTED (forecast rejected and kept, "next" mode)."""
+        self.run._mark(outcome)
+
+    @property
+    def decision(self) -> Decision:
+        return self.run.decision
+
+
+__all__ = ["SpeculativeRun", "Chunk", "StepMode", "COMPUTED", "FORECAST", "REJECTED"]

@@ -1,0 +1,65 @@
+"""Per-stream feature history. A stream is one identity whose features evolve
+smoothly along the schedule: a cond/uncond entry (ComfyUI's uuid) of one run."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .forecasters import Forecaster
+
+
+def tensor_signature(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device)
+
+
+class StreamCache:
+    """Forecasters for the named features of one stream.
+
+    A feature whose shape, dtype or device differs from what is stored resets the
+    whole stream: stale features from another resolution, batch or model are never
+    extrapolated."""
+
+    def __init__(self, make_forecaster: Callable[[], Forecaster]):
+        self._make = make_forecaster
+        self.forecasters: dict[str, Forecaster] = {}
+        self.signatures: dict[str, tuple] = {}
+        self.resets = 0
+
+    def reset(self) -> None:
+        for f in self.forecasters.values():
+            f.reset()
+        self.forecasters.clear()
+        self.signatures.clear()
+
+    def compatible(self, features: dict[str, torch.Tensor]) -> bool:
+        return all(self.signatures.get(k) == tensor_signature(v) for k, v in features.items())
+
+    def can_predict(self, names, signatures: dict[str, tuple] | None = None) -> bool:
+        for name in names:
+            f = self.forecasters.get(name)
+            if f is None or f.points == 0:
+                return False
+            if signatures is not None and self.signatures.get(name) != signatures.get(name):
+                return False
+        return True
+
+    def update(self, t: float, features: dict[str, torch.Tensor]) -> None:
+        for name, value in features.items():
+            sig = tensor_signature(value)
+            if name in self.signatures and self.signatures[name] != sig:
+                self.reset()
+                self.resets += 1
+                break
+        for name, value in features.items():
+            if name not in self.forecasters:
+                self.forecasters[name] = self._make()
+                self.signatures[name] = tensor_signature(value)
+            self.forecasters[name].update(t, value)
+
+    def predict(self, t: float, names) -> dict[str, torch.Tensor]:
+        return {name: self.forecasters[name].predict(t) for name in names}
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes() for f in self.forecasters.values())

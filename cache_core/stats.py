@@ -1,0 +1,59 @@
+"""What a run did, in plain numbers: the log line, the UI and the benchmark all read this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One letter per sampler step in the timeline.
+COMPUTED, FORECAST, REJECTED = "C", "F", "R"
+
+
+@dataclass
+class RunStats:
+    method: str = ""
+    mode: str = ""              # "stack" (block-level) or "output" (fallback)
+    steps: int = 0              # sampler steps of the schedule
+    evaluations: int = 0        # model evaluations (Heun & co. make several per step)
+    computed: int = 0           # evaluations on which the model ran fully
+    forecast: int = 0           # evaluations served by an accepted forecast
+    verified: int = 0           # forecasts checked against a real block
+    rejected: int = 0           # forecasts that failed verification
+    nonfinite: int = 0          # forecasts that were not finite (fell back to full)
+    streams: int = 0            # distinct streams (cond/uncond entries) seen
+    block_units: float = 0.0    # blocks actually run (verification included)
+    block_units_full: float = 0.0  # blocks an uncached run would have run
+    peak_cache_bytes: int = 0
+    cache_bytes: int = 0
+    errors: list = field(default_factory=list)    # (eval, time, error, threshold, accepted)
+    timeline: list = field(default_factory=list)  # one letter per evaluation
+
+    @property
+    def compute_fraction(self) -> float:
+        if self.block_units_full <= 0:
+            return 1.0
+        return self.block_units / self.block_units_full
+
+    @property
+    def estimated_speedup(self) -> float:
+        f = self.compute_fraction
+        return 1.0 / f if f > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "mode": self.mode, "steps": self.steps,
+            "evaluations": self.evaluations, "computed": self.computed,
+            "forecast": self.forecast, "verified": self.verified, "rejected": self.rejected,
+            "nonfinite": self.nonfinite, "streams": self.streams,
+            "compute_fraction": round(self.compute_fraction, 4),
+            "speedup": round(self.estimated_speedup, 3),
+            "cache_bytes": self.peak_cache_bytes,
+            "timeline": "".join(self.timeline),
+            "errors": [list(e) for e in self.errors],
+        }
+
+    def summary_line(self) -> str:
+        return (f"Speculative Cache ({self.method}, {self.mode}): {self.steps} steps, "
+                f"{self.evaluations} evaluations: {self.computed} computed, {self.forecast} forecast, "
+                f"{self.rejected} rejected of {self.verified} verified; compute fraction "
+                f"{self.compute_fraction:.3f}, est. speedup {self.estimated_speedup:.2f}x, "
+                f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB")

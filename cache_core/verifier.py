@@ -1,0 +1,54 @@
+"""SpeCa verification (arXiv 2509.11628): compare a forecast with a cheap real
+computation of the same quantity and accept or reject it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def relative_l1(pred: torch.Tensor, real: torch.Tensor, eps: float = 1e-10) -> float:
+    """SpeCa's element-wise relative L1: mean(|pred - real| / (|real| + eps)).
+
+    Dominated by near-zero elements and often >> 1; this is the metric the paper's
+    thresholds (FLUX base 7.0) refer to. Invariant to a per-channel gate, so the
+    un-gated and the gated block output give the same value."""
+    p, r = pred.float(), real.float()
+    return float(((p - r).abs() / (r.abs() + eps)).mean())
+
+
+def relative_norm(pred: torch.Tensor, real: torch.Tensor, eps: float = 1e-12) -> float:
+    """Scale-free norm ratio ||pred - real||_2 / ||real||_2 (0.05 = 5 % error)."""
+    p, r = pred.float(), real.float()
+    return float(torch.linalg.vector_norm(p - r) / (torch.linalg.vector_norm(r) + eps))
+
+
+_METRICS = {"relative_l1": relative_l1, "relative_norm": relative_norm}
+
+
+class Verifier:
+    """Error metric plus the threshold schedule tau(p) = max(base * decay**p, floor)."""
+
+    def __init__(self, metric: str, threshold: float, decay: float = 1.0, floor: float = 0.0):
+        if metric not in _METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {sorted(_METRICS)}")
+        self.metric_name = metric
+        self.metric = _METRICS[metric]
+        self.threshold = float(threshold)
+        self.decay = float(decay)
+        self.floor = float(floor)
+
+    def threshold_at(self, progress: float) -> float:
+        p = min(max(float(progress), 0.0), 1.0)
+        return max(self.threshold * self.decay ** p, self.floor)
+
+    def error(self, pred: torch.Tensor, real: torch.Tensor) -> float:
+        return self.metric(pred, real)
+
+    def accepts(self, error: float, progress: float) -> bool:
+        """A non-finite error, or any error at a zero threshold, is a rejection."""
+        tau = self.threshold_at(progress)
+        if not math.isfinite(error) or tau <= 0.0:
+            return False
+        return error <= tau

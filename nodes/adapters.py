@@ -1,0 +1,124 @@
+"""Per-architecture knowledge: where the block stack is, which tensors a block
+carries, and how to find an argument of the model's forward.
+
+Adapters hold no tensors; they describe. The generic output-level adapter serves every
+model without a specific one, so an unknown model never crashes the sampler."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from ..cache_core import StackPlan
+
+log = logging.getLogger("speculative_cache")
+
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _mro_names(obj) -> set:
+    return {f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__}
+
+
+class StackAdapter:
+    """Models whose forward calls ``patches_replace["dit"]`` for each block with
+    ``img`` (and ``txt`` for double-stream blocks): FLUX (dev, schnell, Kontext),
+    Chroma (+ Radiance) and HunyuanVideo. Block patches only ever receive and return
+    these tensors, so the same code serves all of them whatever their stream order."""
+
+    mode = "stack"
+
+    def __init__(self, family: str, plan: StackPlan):
+        self.family = family
+        self.plan = plan
+
+
+class OutputAdapter:
+    """Any other model: forecast the diffusion model's output as a whole."""
+
+    mode = "output"
+    family = "generic"
+    plan = None
+
+
+# (class path in the MRO, family, double-block attribute, skip list, single-block attribute, skip list)
+_STACK_FAMILIES = (
+    ("comfy.ldm.chroma.model.Chroma", "chroma", "double_blocks", "skip_mmdit", "single_blocks", "skip_dit"),
+    ("comfy.ldm.flux.model.Flux", "flux", "double_blocks", None, "single_blocks", None),
+    ("comfy.ldm.hunyuan_video.model.HunyuanVideo", "hunyuan_video", "double_blocks", None, "single_blocks", None),
+)
+
+
+def stack_plan_for(diffusion_model) -> tuple[str, StackPlan] | None:
+    names = _mro_names(diffusion_model)
+    for cls_path, family, dattr, dskip, sattr, sskip in _STACK_FAMILIES:
+        if cls_path not in names:
+            continue
+        blocks = []
+        skip_d = set(getattr(diffusion_model, dskip, None) or []) if dskip else set()
+        skip_s = set(getattr(diffusion_model, sskip, None) or []) if sskip else set()
+        for i in range(len(getattr(diffusion_model, dattr, []) or [])):
+            if i not in skip_d:
+                blocks.append((("double_block", i), ("img", "txt")))
+        for i in range(len(getattr(diffusion_model, sattr, []) or [])):
+            if i not in skip_s:
+                blocks.append((("single_block", i), ("img",)))
+        if not blocks:
+            return None
+        return family, StackPlan(blocks)
+    return None
+
+
+def select_adapter(diffusion_model):
+    found = stack_plan_for(diffusion_model)
+    if found is not None:
+        family, plan = found
+        return StackAdapter(family, plan)
+    warn_once(f"Speculative Cache: no block-level support for {type(diffusion_model).__name__}; "
+              "forecasting the model output as a whole instead (no per-step verification: "
+              "forecasts are bounded by max_forecast_steps).")
+    return OutputAdapter()
+
+
+def find_transformer_options(args, kwargs) -> dict | None:
+    """Where ComfyUI's model forwards put ``transformer_options``: the last positional
+    argument (Flux, HunyuanVideo, Wan, ...), ``kwargs`` (Lumina2, Cosmos) or the one
+    before last (LTXV)."""
+    if args and isinstance(args[-1], dict):
+        return args[-1]
+    to = kwargs.get("transformer_options")
+    if isinstance(to, dict):
+        return to
+    if len(args) >= 2 and isinstance(args[-2], dict):
+        return args[-2]
+    return None
+
+
+_signatures: dict = {}
+
+
+def forward_argument(module, name: str, args, kwargs):
+    """The value a forward call passes for parameter ``name`` (None if absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    cls = type(module)
+    sig = _signatures.get(cls)
+    if sig is None:
+        try:
+            sig = inspect.signature(cls.forward)
+        except (TypeError, ValueError):
+            return None
+        _signatures[cls] = sig
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    for i, p in enumerate(params):
+        if p.name == name:
+            if i < len(args) and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                return args[i]
+            return None
+    return None

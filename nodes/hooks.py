@@ -1,0 +1,396 @@
+"""The glue between ComfyUI's sampler and the engine, through ComfyUI's chainable
+mechanisms only:
+
+* OUTER_SAMPLE wrapper: creates the run's state, frees it in ``finally``;
+* SAMPLER_SAMPLE wrapper: counts the sampler's real steps through its callback;
+* CALC_COND_BATCH wrapper: marks the start of each model evaluation (all chunks);
+* DIFFUSION_MODEL wrapper: forecast or compute one model call (one chunk);
+* APPLY_MODEL wrapper: output-level fallback for models without a DIFFUSION_MODEL hook;
+* ``patches_replace["dit"]`` block patches that chain to any patch already there.
+
+Nothing tensor-valued lives on the node, the model or ``model_options``: the run
+state is put into a per-run clone of ``model_options`` and dropped at the end."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension as pe
+
+from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
+from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
+from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
+                       select_adapter, warn_once)
+
+log = logging.getLogger("speculative_cache")
+
+HOLDER_KEY = "speculative_cache"        # settings (tensor-free), set by the node
+RUN_KEY = "speculative_cache_run"       # the live run, only inside a per-run clone
+WRAPPER_KEY = "speculative_cache"
+
+# Callbacks receiving (node_id, stats_dict, final: bool); used by the UI and tests.
+STATS_LISTENERS: list = []
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What the node puts into ``transformer_options``: settings and no tensors."""
+    config: CacheConfig
+    node_id: str | None = None
+
+
+def _notify(node_id, stats, final):
+    for listener in list(STATS_LISTENERS):
+        try:
+            listener(node_id, stats.to_dict(), final)
+        except Exception:  # a broken listener must never break sampling
+            log.exception("Speculative Cache: stats listener failed")
+
+
+class RunContext:
+    """Glue-level state of one sampling run (lives only while the run lasts)."""
+
+    def __init__(self, settings: CacheSettings, run: SpeculativeRun, adapter, sample_sigmas):
+        self.settings = settings
+        self.run = run
+        self.adapter = adapter
+        self.sample_sigmas = [float(s) for s in sample_sigmas]
+        self.steps_done = 0
+        self.callback_seen = False
+        self.active: BlockCall | None = None
+        self.stack_ok = isinstance(adapter, StackAdapter)
+        self.diffusion_model_seen = False
+        self.apply_model_calls = 0
+        self.wall_seconds = 0.0
+
+    def step_index_for(self, sigma: float) -> int:
+        if self.callback_seen:
+            return self.steps_done
+        # No callback (custom sampler): position of sigma in the schedule.
+        return sum(1 for s in self.sample_sigmas[:-1] if s > sigma + 1e-9)
+
+
+def _run_context(transformer_options) -> RunContext | None:
+    if not isinstance(transformer_options, dict):
+        return None
+    ctx = transformer_options.get(RUN_KEY)
+    if ctx is None or ctx.run.closed:
+        return None
+    return ctx
+
+
+# ---------------------------------------------------------------------------------
+# wrappers
+# ---------------------------------------------------------------------------------
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    original_options = guider.model_options
+    settings = original_options.get("transformer_options", {}).get(HOLDER_KEY)
+    if not isinstance(settings, CacheSettings):
+        return executor(*args, **kwargs)
+    sigmas = args[3]
+    ctx = None
+    try:
+        config = settings.config
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        start_time = float(model_sampling.percent_to_sigma(config.start_percent))
+        end_time = float(model_sampling.percent_to_sigma(config.end_percent))
+        if config.end_percent >= 1.0:
+            end_time = float("-inf")
+        adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
+        run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time,
+                             mode=adapter.mode)
+        ctx = RunContext(settings, run, adapter, sigmas)
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        guider.model_options["transformer_options"][RUN_KEY] = ctx
+        started = time.perf_counter()
+        out = executor(*args, **kwargs)
+        ctx.wall_seconds = time.perf_counter() - started
+        return out
+    finally:
+        guider.model_options = original_options
+        if ctx is not None:
+            ctx.active = None
+            stats = ctx.run.close()
+            log.info(stats.summary_line())
+            _notify(settings.node_id, stats, True)
+
+
+def sampler_sample_wrapper(executor, *args, **kwargs):
+    extra_args = args[2] if len(args) > 2 else kwargs.get("extra_args")
+    ctx = _run_context((extra_args or {}).get("model_options", {}).get("transformer_options"))
+    if ctx is None:
+        return executor(*args, **kwargs)
+    original_callback = args[3] if len(args) > 3 else kwargs.get("callback")
+
+    def counting_callback(step, denoised, x, total_steps):
+        ctx.callback_seen = True
+        ctx.steps_done = int(step) + 1
+        _notify(ctx.settings.node_id, ctx.run.stats, False)
+        if original_callback is not None:
+            return original_callback(step, denoised, x, total_steps)
+
+    if len(args) > 3:
+        args = args[:3] + (counting_callback,) + args[4:]
+    else:
+        kwargs["callback"] = counting_callback
+    return executor(*args, **kwargs)
+
+
+def calc_cond_batch_wrapper(executor, *args, **kwargs):
+    model_options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("model_options", {})
+    ctx = _run_context(model_options.get("transformer_options"))
+    if ctx is not None:
+        timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
+        sigma = float(torch.as_tensor(timestep).max())
+        ctx.run.begin_evaluation(sigma, ctx.step_index_for(sigma))
+    return executor(*args, **kwargs)
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    to = find_transformer_options(args, kwargs)
+    ctx = _run_context(to)
+    if ctx is None or ctx.run.decision is None:
+        return executor(*args, **kwargs)
+    ctx.diffusion_model_seen = True
+    module = executor.class_obj
+    use_stack = ctx.stack_ok
+    if use_stack and forward_argument(module, "control", args, kwargs) is not None:
+        warn_once("Speculative Cache: a ControlNet is attached; its residuals are added outside "
+                  "the block patches, so this run forecasts the model output instead of blocks.")
+        use_stack = False
+    if use_stack:
+        return _stack_forward(ctx, executor, args, kwargs, to)
+    return _output_forward(ctx, executor, args, kwargs, to, "out")
+
+
+def apply_model_wrapper(executor, *args, **kwargs):
+    """Fallback for models whose forward has no DIFFUSION_MODEL hook (SD3 in 0.3.64):
+    learn on the first call whether the DIFFUSION_MODEL wrapper fires."""
+    to = find_transformer_options(args, kwargs)
+    ctx = _run_context(to)
+    if ctx is None or ctx.run.decision is None or ctx.diffusion_model_seen:
+        return executor(*args, **kwargs)
+    ctx.apply_model_calls += 1
+    if ctx.apply_model_calls == 1:
+        out = executor(*args, **kwargs)
+        if not ctx.diffusion_model_seen:
+            warn_once("Speculative Cache: this model has no DIFFUSION_MODEL hook; forecasting "
+                      "the model output at the APPLY_MODEL level.")
+            ctx.stack_ok = False
+            _record_output(ctx, args, to, out, "apply_out")
+        return out
+    return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
+
+
+def _stream_keys(to, batch):
+    uuids = list(to.get("uuids") or [])
+    if not uuids or batch % len(uuids) != 0:
+        return ["batch"]
+    return uuids
+
+
+def _record_output(ctx, args, to, out, name):
+    chunk = ctx.run.chunk(_stream_keys(to, out.shape[0]), out.shape[0], 1.0)
+    chunk.add_units(1.0)
+    chunk.record({name: out})
+    chunk.finish(COMPUTED)
+
+
+# ---------------------------------------------------------------------------------
+# output level
+# ---------------------------------------------------------------------------------
+def _output_forward(ctx, executor, args, kwargs, to, name):
+    x = args[0]
+    chunk = ctx.run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], 1.0)
+    decision = ctx.run.decision
+    if decision.forecast and chunk.can_forecast((name,)):
+        pred = chunk.predict(name)
+        if pred.shape[0] == x.shape[0] and bool(torch.isfinite(pred).all()):
+            chunk.finish(FORECAST)
+            return pred
+        ctx.run.stats.nonfinite += int(not bool(torch.isfinite(pred).all()))
+    out = executor(*args, **kwargs)
+    chunk.add_units(1.0)
+    chunk.record({name: out})
+    chunk.finish(COMPUTED)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# stack level
+# ---------------------------------------------------------------------------------
+def _stack_forward(ctx, executor, args, kwargs, to):
+    run, plan = ctx.run, ctx.adapter.plan
+    x = args[0]
+    chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)))
+    decision = run.decision
+    if decision.forecast and chunk.can_forecast(plan.features):
+        call = ctx.active = BlockCall(ctx, chunk, forecast=True, verify=decision.verify)
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            ctx.active = None
+        if call.failed:
+            warn_once(f"Speculative Cache: a forecast could not be used ({call.failed}); computing the step.")
+        elif call.rejected and run.config.on_reject == "redo":
+            pass  # recompute below
+        elif not bool(torch.isfinite(out).all()):
+            run.stats.nonfinite += 1
+        else:
+            chunk.finish(REJECTED if call.rejected else FORECAST)
+            return out
+    call = ctx.active = BlockCall(ctx, chunk, forecast=False, verify=False)
+    try:
+        out = executor(*args, **kwargs)
+    finally:
+        ctx.active = None
+    if call.fired != list(plan.keys):
+        # The model skipped or added blocks we did not plan for: never forecast from a
+        # partial picture. Fall back to output level for the rest of this run.
+        warn_once(f"Speculative Cache: {ctx.adapter.family} ran blocks {call.fired[:4]}... that do not "
+                  "match its expected layout; forecasting the model output instead.")
+        ctx.stack_ok = False
+        chunk.record({"out": out})
+    chunk.finish(REJECTED if chunk.rejected else COMPUTED)
+    return out
+
+
+class BlockCall:
+    """What the block patches do during one model call."""
+
+    def __init__(self, ctx: RunContext, chunk, forecast: bool, verify: bool):
+        self.ctx = ctx
+        self.chunk = chunk
+        self.plan: StackPlan = ctx.adapter.plan
+        self.forecast = forecast
+        self.verify = verify
+        self.fired: list = []
+        self.stage_inputs: dict = {}
+        self.failed: str = ""
+        self.rejected = False
+
+    def block(self, key, args, run_block):
+        loc = self.plan.locate(key)
+        if loc is None:
+            self.fired.append(tuple(key))
+            return run_block()
+        if self.forecast:
+            return self._forecast_block(loc, args, run_block)
+        return self._full_block(key, loc, args, run_block)
+
+    def _full_block(self, key, loc, args, run_block):
+        stage, first, last = loc
+        self.fired.append(tuple(key))
+        if first:
+            # Blocks add their residual in place (`x += ...`): keep the stage input.
+            self.stage_inputs = {t: args[t].clone() for t in stage.tensors}
+        out = run_block()
+        self.chunk.add_units(1.0)
+        if last and len(self.stage_inputs) == len(stage.tensors):
+            self.chunk.record({stage.feature(t): out[t] - self.stage_inputs[t] for t in stage.tensors})
+            self.stage_inputs = {}
+        return out
+
+    def _predicted(self, stage, args):
+        preds = {}
+        for t in stage.tensors:
+            pred = self.chunk.predict(stage.feature(t))
+            if pred.shape != args[t].shape:
+                self.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(args[t].shape)}"
+                return None
+            if not bool(torch.isfinite(pred).all()):
+                self.failed = "non-finite forecast"
+                self.ctx.run.stats.nonfinite += 1
+                return None
+            preds[t] = pred.to(args[t].dtype)
+        return preds
+
+    def _forecast_block(self, loc, args, run_block):
+        stage, first, _ = loc
+        passthrough = {t: args[t] for t in stage.tensors}
+        if self.failed:
+            return passthrough
+        if stage.verify and self.verify:
+            # SpeCa: run the real last block on the forecast input and compare its
+            # residual with the forecast one. The real output is used.
+            t0 = stage.tensors[0]
+            inputs = {t: args[t].clone() for t in stage.tensors}
+            out = run_block()
+            self.chunk.add_units(1.0)
+            pred = self._predicted(stage, args=inputs)
+            if pred is None:
+                return out
+            real = out[t0] - inputs[t0]
+            if not self.chunk.verify(pred[t0], real):
+                self.rejected = True
+            return out
+        if not first:
+            return passthrough
+        pred = self._predicted(stage, args)
+        if pred is None:
+            return passthrough
+        return {t: args[t] + pred[t] for t in stage.tensors}
+
+
+class BlockPatch:
+    """A ``patches_replace["dit"]`` entry. Chains to the patch that was there before
+    (SkipLayerGuidance, other packs) and does nothing unless a run is active."""
+
+    def __init__(self, key, previous=None):
+        self.key = tuple(key)
+        self.previous = previous
+
+    def _run(self, args, extra):
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)
+
+    def __call__(self, args, extra):
+        call = None
+        ctx = _run_context(args.get("transformer_options"))
+        if ctx is not None and ctx.stack_ok:
+            call = ctx.active
+        if call is None:
+            return self._run(args, extra)
+        return call.block(self.key, args, lambda: self._run(args, extra))
+
+
+# ---------------------------------------------------------------------------------
+# installing onto a ModelPatcher clone
+# ---------------------------------------------------------------------------------
+def install(model, settings: CacheSettings):
+    """Return a clone of ``model`` (a ModelPatcher) with the cache installed."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    if HOLDER_KEY in to:
+        warn_once("Speculative Cache: the model already had a Speculative Cache; the later node's "
+                  "settings replace the earlier ones.")
+        for wtype in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.SAMPLER_SAMPLE, pe.WrappersMP.CALC_COND_BATCH,
+                      pe.WrappersMP.DIFFUSION_MODEL, pe.WrappersMP.APPLY_MODEL):
+            m.remove_wrappers_with_key(wtype, WRAPPER_KEY)
+    to[HOLDER_KEY] = settings
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+
+    adapter = select_adapter(m.get_model_object("diffusion_model"))
+    if isinstance(adapter, StackAdapter):
+        existing = to.get("patches_replace", {}).get("dit", {})
+        for key in adapter.plan.keys:
+            previous = existing.get(key)
+            while isinstance(previous, BlockPatch):  # replacing an earlier Speculative Cache
+                previous = previous.previous
+            m.set_model_patch_replace(BlockPatch(key, previous), "dit", key[0], key[1])
+    return m, adapter
+
+
+__all__ = ["CacheSettings", "install", "STATS_LISTENERS", "HOLDER_KEY", "RUN_KEY",
+           "OutputAdapter", "StackAdapter"]

@@ -1,0 +1,76 @@
+"""Test setup. Engine tests need only torch. ComfyUI tests need a ComfyUI checkout
+(found as in benchmarks/comfy_env.py); without one they skip with one loud line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: ComfyUI's own `nodes` must win over ours
+
+from benchmarks import comfy_env  # noqa: E402
+
+COMFYUI = comfy_env.find_comfyui()
+_skipped_for_comfy: list[str] = []
+
+
+def pytest_report_header(config):
+    if COMFYUI:
+        return f"ComfyUI: {COMFYUI}"
+    return "ComfyUI: NOT FOUND (set COMFYUI_PATH); ComfyUI tests will be skipped"
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI is not None:
+        return
+    marker = pytest.mark.skip(reason="ComfyUI not found: set COMFYUI_PATH to run the ComfyUI tests")
+    for item in items:
+        if "comfy" in item.keywords:
+            item.add_marker(marker)
+            _skipped_for_comfy.append(item.nodeid)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfy: needs a ComfyUI checkout")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_for_comfy:
+        terminalreporter.write_line(
+            f"!!! COMFYUI NOT FOUND: {len(_skipped_for_comfy)} ComfyUI tests SKIPPED "
+            f"(looked in {', '.join(map(str, comfy_env.comfyui_candidates()))}; set COMFYUI_PATH) !!!",
+            red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return comfy_env.load_pack()
+
+
+@pytest.fixture(scope="session")
+def core(pack):
+    import importlib
+    return importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
+
+
+@pytest.fixture(scope="session")
+def spec_nodes():
+    """ComfyUI set up headless on the CPU; returns the pack's nodes module."""
+    comfy_env.setup_comfyui(COMFYUI)
+    return comfy_env.pack_nodes()
+
+
+@pytest.fixture
+def stats_log(spec_nodes):
+    """Final stats of every run during the test, in order."""
+    import importlib
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    seen = []
+    listener = lambda node_id, stats, final: final and seen.append(dict(stats, node=node_id))  # noqa: E731
+    hooks.STATS_LISTENERS.append(listener)
+    yield seen
+    hooks.STATS_LISTENERS.remove(listener)

@@ -1,0 +1,256 @@
+"""Engine tests on plain tensors: no ComfyUI needed."""
+
+import math
+
+import pytest
+import torch
+
+
+def poly(coeffs, t, shape=(3, 5)):
+    base = torch.linspace(-1, 1, shape[0] * shape[1], dtype=torch.float64).reshape(shape)
+    return sum(c * (t ** k) * (base + k) for k, c in enumerate(coeffs))
+
+
+# ---- forecasters ---------------------------------------------------------------------
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_taylor_exact_on_polynomials_at_nonuniform_times(core, order):
+    coeffs = [0.7, -1.3, 0.4, 2.0, -0.6][: order + 1]
+    times = [1.0, 0.93, 0.81, 0.62, 0.41, 0.30]   # shifted-schedule-like spacing, decreasing
+    f = core.TaylorForecaster(order)
+    for t in times:
+        f.update(t, poly(coeffs, t))
+    for target in (0.25, 0.12, 0.0):
+        assert torch.allclose(f.predict(target), poly(coeffs, target), atol=1e-9, rtol=1e-9)
+
+
+def test_taylor_order_too_low_is_not_exact(core):
+    coeffs = [0.1, 0.2, 1.5]  # quadratic
+    f = core.TaylorForecaster(1)
+    for t in (1.0, 0.8, 0.55):
+        f.update(t, poly(coeffs, t))
+    assert not torch.allclose(f.predict(0.3), poly(coeffs, 0.3), atol=1e-3)
+
+
+def test_taylor_order_ramps_up_with_points(core):
+    f = core.TaylorForecaster(3)
+    f.update(1.0, torch.ones(2))
+    assert f.points == 1
+    assert torch.equal(f.predict(0.5), torch.ones(2))  # order 0: reuse
+    f.update(0.5, torch.zeros(2))
+    assert f.points == 2
+    assert torch.allclose(f.predict(0.0), -torch.ones(2))  # linear through both points
+    for t in (0.4, 0.3, 0.2):
+        f.update(t, torch.zeros(2))
+    assert f.points == 4  # order + 1 nodes, never more
+
+
+def test_taylor_repeated_time_replaces_newest_point(core):
+    """Heun evaluates twice at one sigma: the second value replaces the first and the
+    forecast stays exact for the trajectory through the replaced value."""
+    coeffs = [0.3, 0.9, -0.7]
+    f = core.TaylorForecaster(2)
+    f.update(1.0, poly(coeffs, 1.0))
+    f.update(0.7, poly(coeffs, 0.7))
+    f.update(0.45, torch.full((3, 5), 123.0, dtype=torch.float64))  # a first, wrong value
+    f.update(0.45, poly(coeffs, 0.45))                              # replaced
+    assert f.points == 3
+    assert torch.allclose(f.predict(0.2), poly(coeffs, 0.2), atol=1e-9)
+
+
+def test_taylor_storage_dtype_halves_memory_and_keeps_feature_dtype(core):
+    full, half = core.TaylorForecaster(2), core.TaylorForecaster(2, "bfloat16")
+    for t in (1.0, 0.8, 0.6):
+        v = torch.randn(4, 8) * t
+        full.update(t, v)
+        half.update(t, v)
+    assert half.nbytes() * 2 == full.nbytes()
+    assert half.predict(0.5).dtype == torch.float32
+    assert torch.allclose(half.predict(0.5), full.predict(0.5), rtol=0.05, atol=0.05)
+
+
+def test_taylor_does_not_keep_caller_tensor(core):
+    f = core.TaylorForecaster(0)
+    v = torch.ones(3)
+    f.update(1.0, v)
+    v += 5  # a block adding its residual in place must not change the history
+    assert torch.equal(f.predict(0.5), torch.ones(3))
+
+
+# ---- verifier -----------------------------------------------------------------------
+def test_relative_l1_is_elementwise(core):
+    real = torch.tensor([1.0, 2.0, 4.0, 0.5])
+    pred = torch.tensor([1.5, 2.0, 3.0, 0.0])
+    expected = (0.5 / 1 + 0 + 1 / 4 + 0.5 / 0.5) / 4
+    assert core.relative_l1(pred, real) == pytest.approx(expected, rel=1e-6)
+
+
+def test_relative_norm(core):
+    real = torch.tensor([3.0, 4.0])
+    pred = torch.tensor([3.0, 4.5])
+    assert core.relative_norm(pred, real) == pytest.approx(0.5 / 5.0, rel=1e-6)
+
+
+def test_threshold_schedule_decays_to_floor(core):
+    v = core.Verifier("relative_l1", 7.0, decay=0.3, floor=0.1)
+    assert v.threshold_at(0.0) == pytest.approx(7.0)
+    assert v.threshold_at(0.5) == pytest.approx(7.0 * 0.3 ** 0.5)
+    assert v.threshold_at(1.0) == pytest.approx(2.1)
+    v2 = core.Verifier("relative_norm", 0.2, decay=0.01, floor=0.1)
+    assert v2.threshold_at(1.0) == pytest.approx(0.1)  # floored
+
+
+def test_verifier_accept_reject(core):
+    v = core.Verifier("relative_norm", 0.1)
+    assert v.accepts(0.05, 0.5)
+    assert not v.accepts(0.15, 0.5)
+    assert not v.accepts(float("nan"), 0.5)
+    assert not v.accepts(float("inf"), 0.5)
+    assert not core.Verifier("relative_norm", 0.0).accepts(0.0, 0.5)
+
+
+# ---- policy -------------------------------------------------------------------------
+def simulate(core, config, steps, accept=lambda i: True):
+    """Drive a SpeculativeRun like the ComfyUI glue does, on a synthetic feature."""
+    run = core.SpeculativeRun(config, steps)
+    modes = []
+    for i in range(steps):
+        t = 1.0 - i / steps
+        d = run.begin_evaluation(t, i)
+        chunk = run.chunk(["cond"], 1, units_full=4)
+        feat = {"f": torch.full((1, 3), t)}
+        if d.forecast and chunk.can_forecast(["f"]):
+            if d.verify:
+                chunk.add_units(1)
+                ok = chunk.verify(torch.zeros(1), torch.zeros(1) + (0.0 if accept(i) else 1.0))
+                if not ok and config.on_reject == "redo":
+                    chunk.add_units(4)
+                    chunk.record(feat)
+                    chunk.finish("R")
+                    modes.append("R")
+                    continue
+                chunk.finish("F" if ok else "R")
+                modes.append("F" if ok else "R")
+            else:
+                chunk.finish("F")
+                modes.append("F")
+        else:
+            chunk.add_units(4)
+            chunk.record(feat)
+            chunk.finish("C")
+            modes.append("C")
+    stats = run.close()
+    return "".join(modes), stats, run
+
+
+def test_policy_warmup_max_and_final(core):
+    cfg = core.CacheConfig(threshold=1.0, warmup_steps=3, max_forecast_steps=4, final_full_steps=2)
+    modes, stats, _ = simulate(core, cfg, 20)
+    # step 17 is full because 4 forecasts ran in a row; 18 and 19 are the final stretch
+    assert modes == "CCC" + "FFFFC" + "FFFFC" + "FFFFC" + "CC"
+    assert stats.computed == modes.count("C") == 8
+    assert stats.forecast == 12
+    assert stats.verified == 12 and stats.rejected == 0
+    assert stats.compute_fraction == pytest.approx((8 * 4 + 12) / (20 * 4))
+
+
+def test_policy_redo_recomputes_rejected_steps(core):
+    cfg = core.CacheConfig(threshold=0.5, warmup_steps=2, max_forecast_steps=3, final_full_steps=0)
+    modes, stats, _ = simulate(core, cfg, 10, accept=lambda i: i % 3 != 0)
+    # steps 3, 6, 9 rejected and recomputed; a recomputed step restarts the forecast run
+    assert modes == "CC" + "F" + "R" + "FF" + "R" + "FF" + "R"
+    assert stats.rejected == 3 and stats.computed == 5 and stats.forecast == 5
+
+
+def test_policy_next_mode_keeps_forecast_and_computes_next(core):
+    cfg = core.CacheConfig(threshold=0.5, warmup_steps=2, max_forecast_steps=8, final_full_steps=0,
+                           on_reject="next")
+    modes, stats, _ = simulate(core, cfg, 10, accept=lambda i: i != 4)
+    assert modes == "CC" + "FFR" + "C" + "FFFF"
+    assert stats.forecast == 7 and stats.computed == 3 and stats.rejected == 1
+
+
+def test_taylorseer_fixed_interval_without_verification(core):
+    cfg = core.CacheConfig(method="taylorseer", warmup_steps=1, max_forecast_steps=2, final_full_steps=0)
+    modes, stats, _ = simulate(core, cfg, 10)
+    assert modes == "C" + "FFC" + "FFC" + "FFC"
+    assert stats.verified == 0
+
+
+def test_zero_threshold_disables_forecasting(core):
+    modes, stats, _ = simulate(core, core.CacheConfig(threshold=0.0), 12)
+    assert modes == "C" * 12 and stats.compute_fraction == 1.0
+
+
+def test_time_window(core):
+    cfg = core.CacheConfig(threshold=1.0, warmup_steps=0, max_forecast_steps=100, final_full_steps=0)
+    pol = core.Policy(cfg, 10, start_time=0.8, end_time=0.3)
+    assert pol.decide(5, 0.9).mode is core.StepMode.FULL
+    assert pol.decide(5, 0.8).forecast
+    assert pol.decide(5, 0.3).mode is core.StepMode.FULL
+    assert not pol.decide(5, 0.5, has_history=False).forecast
+
+
+def test_config_rejects_bad_values(core):
+    for bad in (dict(threshold=-1), dict(order=7), dict(max_forecast_steps=0), dict(method="x"),
+                dict(start_percent=0.8, end_percent=0.2), dict(threshold_decay=0.0),
+                dict(storage_dtype="int8"), dict(warmup_steps=-1)):
+        with pytest.raises(ValueError, match="Speculative Cache"):
+            core.CacheConfig(**bad)
+
+
+# ---- state, streams, chunks ----------------------------------------------------------
+def test_stream_resets_on_shape_dtype_change(core):
+    s = core.StreamCache(lambda: core.TaylorForecaster(2))
+    s.update(1.0, {"a": torch.ones(2, 3)})
+    s.update(0.8, {"a": torch.ones(2, 3)})
+    assert s.forecasters["a"].points == 2
+    s.update(0.6, {"a": torch.ones(4, 3)})  # new resolution
+    assert s.resets == 1 and s.forecasters["a"].points == 1
+    s.update(0.5, {"a": torch.ones(4, 3, dtype=torch.float64)})
+    assert s.resets == 2
+    assert not s.can_predict(["a"], {"a": core.tensor_signature(torch.ones(5, 3))})
+
+
+def test_chunk_keeps_streams_apart_when_batch_order_changes(core):
+    cfg = core.CacheConfig(order=0)
+    run = core.SpeculativeRun(cfg, 10)
+    run.begin_evaluation(1.0, 0)
+    c = run.chunk(["uncond", "cond"], 4, 1)
+    c.record({"x": torch.tensor([[0.0], [0.0], [1.0], [1.0]])})
+    c.finish("C")
+    run.begin_evaluation(0.9, 1)
+    c2 = run.chunk(["cond", "uncond"], 4, 1)      # the other order
+    assert torch.equal(c2.predict("x"), torch.tensor([[1.0], [1.0], [0.0], [0.0]]))
+    c3 = run.chunk(["cond"], 2, 1)                # cond alone (e.g. cfg 1 or split batches)
+    assert torch.equal(c3.predict("x"), torch.tensor([[1.0], [1.0]]))
+    assert run.stats.streams == 2
+
+
+def test_close_frees_every_tensor(core):
+    _, stats, run = simulate(core, core.CacheConfig(threshold=1.0), 10)
+    assert run.streams == {} and run.cache_bytes() == 0
+    assert stats.peak_cache_bytes > 0 and run.closed
+
+
+def test_stack_plan_stages(core):
+    blocks = [(("double_block", i), ("img", "txt")) for i in range(3)] + \
+             [(("single_block", i), ("img",)) for i in range(4)]
+    plan = core.StackPlan(blocks)
+    names = [s.name for s in plan.stages]
+    assert names == ["double_block0", "single_block1", "verify"]
+    assert plan.stages[0].keys == tuple(("double_block", i) for i in range(3))
+    assert plan.stages[1].keys == tuple(("single_block", i) for i in range(3))
+    assert plan.verify_stage.keys == (("single_block", 3),)
+    stage, first, last = plan.locate(("double_block", 2))
+    assert stage.name == "double_block0" and not first and last
+    assert plan.features == ("double_block0.img", "double_block0.txt", "single_block1.img", "verify.img")
+    single = core.StackPlan([(("double_block", 0), ("img",))])
+    assert [s.name for s in single.stages] == ["verify"]
+
+
+def test_summary_line_has_the_numbers(core):
+    _, stats, _ = simulate(core, core.CacheConfig(threshold=1.0), 20)
+    line = stats.summary_line()
+    for piece in ("20 steps", "computed", "forecast", "rejected", "compute fraction", "speedup", "MiB"):
+        assert piece in line
+    assert math.isclose(stats.to_dict()["speedup"], 1 / stats.compute_fraction, rel_tol=1e-3)
