@@ -25,7 +25,8 @@ class SpeculativeRun:
         self.verifier = Verifier(config.metric, config.threshold,
                                  config.threshold_decay, config.threshold_floor)
         self.streams: dict = {}
-        self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps))
+        self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps),
+                              on_reject=config.on_reject)
         self.step_index = 0
         self.time = float("nan")
         self.decision: Decision | None = None
@@ -48,17 +49,25 @@ class SpeculativeRun:
     def progress(self) -> float:
         return self.policy.progress(self.step_index)
 
+    _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
+
     def _mark(self, outcome: str) -> None:
         # An evaluation is as bad as its worst chunk: computed > rejected > forecast.
-        rank = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
-        if self._eval_outcome is None or rank[outcome] > rank[self._eval_outcome]:
+        if self._eval_outcome is None or self._RANK[outcome] > self._RANK[self._eval_outcome]:
             self._eval_outcome = outcome
+
+    def end_evaluation(self) -> None:
+        """Book the current evaluation (also done by the next ``begin_evaluation``)."""
+        self._end_evaluation()
 
     def _end_evaluation(self) -> None:
         outcome, self._eval_outcome = self._eval_outcome, None
         if outcome is None:
             return
-        self.stats.timeline.append(outcome)
+        steps = self.stats.step_outcomes
+        previous = steps.get(self.step_index)
+        if previous is None or self._RANK[outcome] > self._RANK[previous]:
+            steps[self.step_index] = outcome
         kept_forecast = outcome == FORECAST or (outcome == REJECTED and self.config.on_reject == "next")
         if kept_forecast:
             self.stats.forecast += 1

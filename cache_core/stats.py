@@ -25,7 +25,22 @@ class RunStats:
     peak_cache_bytes: int = 0
     cache_bytes: int = 0
     errors: list = field(default_factory=list)    # (eval, time, error, threshold, accepted)
-    timeline: list = field(default_factory=list)  # one letter per evaluation
+    step_outcomes: dict = field(default_factory=dict)  # sampler step -> worst outcome letter
+    on_reject: str = "redo"
+
+    @property
+    def timeline(self) -> str:
+        """One letter per sampler step: C computed, F forecast accepted, R forecast
+        rejected (recomputed in "redo" mode, kept in "next" mode), . not reached."""
+        return "".join(self.step_outcomes.get(i, ".") for i in range(self.steps))
+
+    def step_counts(self) -> dict:
+        t = self.timeline
+        rejected = t.count(REJECTED)
+        redo = self.on_reject == "redo"
+        return {"computed": t.count(COMPUTED) + (rejected if redo else 0),
+                "forecast": t.count(FORECAST) + (0 if redo else rejected),
+                "rejected": rejected, "done": len(t) - t.count(".")}
 
     @property
     def compute_fraction(self) -> float:
@@ -39,15 +54,20 @@ class RunStats:
         return 1.0 / f if f > 0 else float("inf")
 
     def to_dict(self) -> dict:
+        """What the UI, the log and the benchmark read. ``computed``/``forecast`` count
+        sampler steps; ``eval_*`` count model evaluations (Heun makes two per step);
+        ``verified``/``rejected`` count verification checks."""
+        steps = self.step_counts()
         return {
             "method": self.method, "mode": self.mode, "steps": self.steps,
-            "evaluations": self.evaluations, "computed": self.computed,
-            "forecast": self.forecast, "verified": self.verified, "rejected": self.rejected,
+            "computed": steps["computed"], "forecast": steps["forecast"],
+            "verified": self.verified, "rejected": self.rejected,
+            "evaluations": self.evaluations, "eval_computed": self.computed, "eval_forecast": self.forecast,
             "nonfinite": self.nonfinite, "streams": self.streams,
             "compute_fraction": round(self.compute_fraction, 4),
             "speedup": round(self.estimated_speedup, 3),
             "cache_bytes": self.peak_cache_bytes,
-            "timeline": "".join(self.timeline),
+            "timeline": self.timeline,
             "errors": [list(e) for e in self.errors],
         }
 

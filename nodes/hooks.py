@@ -44,12 +44,34 @@ class CacheSettings:
     node_id: str | None = None
 
 
+EVENT = "speculative_cache.stats"
+
+
+def _prompt_server():
+    """ComfyUI's server, when one runs (scripts and tests have none)."""
+    try:
+        from server import PromptServer
+    except Exception:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
 def _notify(node_id, stats, final):
+    payload = dict(stats.to_dict(), node=node_id, final=bool(final))
+    payload.pop("errors")
+    if final:
+        payload["errors"] = stats.to_dict()["errors"]
     for listener in list(STATS_LISTENERS):
         try:
-            listener(node_id, stats.to_dict(), final)
+            listener(node_id, payload, final)
         except Exception:  # a broken listener must never break sampling
             log.exception("Speculative Cache: stats listener failed")
+    server = _prompt_server()
+    if server is not None and node_id is not None:
+        try:
+            server.send_sync(EVENT, payload)
+        except Exception:
+            log.debug("Speculative Cache: could not send stats to the UI", exc_info=True)
 
 
 class RunContext:
@@ -131,6 +153,7 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     def counting_callback(step, denoised, x, total_steps):
         ctx.callback_seen = True
         ctx.steps_done = int(step) + 1
+        ctx.run.end_evaluation()
         _notify(ctx.settings.node_id, ctx.run.stats, False)
         if original_callback is not None:
             return original_callback(step, denoised, x, total_steps)

@@ -11,11 +11,13 @@ _DEFAULTS = CacheConfig()
 
 
 def _float(name, default, lo, hi, step, tooltip):
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip)
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip,
+                          display_mode=io.NumberDisplay.slider)
 
 
 def _int(name, default, lo, hi, tooltip):
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tooltip)
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tooltip,
+                        display_mode=io.NumberDisplay.slider)
 
 
 class SpeculativeCache(io.ComfyNode):
@@ -36,22 +38,17 @@ class SpeculativeCache(io.ComfyNode):
                     tooltip="speca: forecast, then verify each forecast with the real last block and "
                             "recompute when it is off. taylorseer: forecast at a fixed interval "
                             "(max_forecast_steps) without verification."),
-                io.Float.Input(
-                    "threshold", default=_DEFAULTS.threshold, min=0.0, max=10.0, step=0.005,
-                    display_mode=io.NumberDisplay.slider,
-                    tooltip="Verification tolerance: the largest relative error of the last block's "
-                            "output that a forecast may have (0.15 = 15 %). Lower = closer to the "
-                            "uncached picture and slower; 0 disables forecasting (identical output)."),
-                io.Int.Input(
-                    "order", default=_DEFAULTS.order, min=0, max=4,
-                    tooltip="Order of the forecast polynomial through the last computed steps "
-                            "(0 = reuse, 1 = linear, 2 = quadratic)."),
-                io.Int.Input(
-                    "warmup_steps", default=_DEFAULTS.warmup_steps, min=0, max=100,
-                    tooltip="Steps computed fully at the start, before any forecast."),
-                io.Int.Input(
-                    "max_forecast_steps", default=_DEFAULTS.max_forecast_steps, min=1, max=50,
-                    tooltip="At most this many forecast steps in a row, then a full step."),
+                _float("threshold", _DEFAULTS.threshold, 0.0, 10.0, 0.005,
+                       "Verification tolerance: the largest relative error of the last block's "
+                       "output that a forecast may have (0.15 = 15 %). Lower = closer to the "
+                       "uncached picture and slower; 0 disables forecasting (identical output)."),
+                _int("order", _DEFAULTS.order, 0, 4,
+                     "Order of the forecast polynomial through the last computed steps "
+                     "(0 = reuse, 1 = linear, 2 = quadratic)."),
+                _int("warmup_steps", _DEFAULTS.warmup_steps, 0, 100,
+                     "Steps computed fully at the start, before any forecast."),
+                _int("max_forecast_steps", _DEFAULTS.max_forecast_steps, 1, 50,
+                     "At most this many forecast steps in a row, then a full step."),
                 _float("start_percent", _DEFAULTS.start_percent, 0.0, 1.0, 0.01,
                        "Forecasting may start at this fraction of the schedule."),
                 _float("end_percent", _DEFAULTS.end_percent, 0.0, 1.0, 0.01,

@@ -1,0 +1,97 @@
+"""A real ComfyUI server with this pack: the graph runs through /prompt and the
+`speculative_cache.stats` events arrive on /ws with the numbers of the run."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from comfy_server import ComfyServer, api_graph, widget_defaults
+from conftest import COMFYUI
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ComfyServer(COMFYUI).start()
+    yield srv
+    srv.stop()
+
+
+def run_prompt(server, prompt, timeout=120):
+    import websocket
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=timeout)
+    try:
+        answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        prompt_id = answer["prompt_id"]
+        events = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            msg = json.loads(msg)
+            events.append(msg)
+            data = msg.get("data", {})
+            if msg["type"] == "execution_error":
+                raise AssertionError(f"execution error: {data}\n{server.log()}")
+            if msg["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+        else:
+            raise AssertionError("prompt did not finish\n" + server.log())
+        return prompt_id, events
+    finally:
+        ws.close()
+
+
+def sc_defaults(server):
+    return widget_defaults(server.get("/object_info/SpeculativeCache")["SpeculativeCache"])
+
+
+def test_stats_events_follow_the_run(server):
+    steps = 12
+    inputs = dict(sc_defaults(server), threshold=5.0)
+    prompt_id, events = run_prompt(server, api_graph(inputs, steps=steps))
+    stats = [e["data"] for e in events if e["type"] == "speculative_cache.stats"]
+    assert stats, "no speculative_cache.stats events\n" + server.log()
+    live = [s for s in stats if not s["final"]]
+    final = [s for s in stats if s["final"]]
+    assert len(live) == steps and len(final) == 1
+    f = final[0]
+    assert f["node"] == "10" and all(s["node"] == "10" for s in stats)
+    assert f["steps"] == steps and len(f["timeline"]) == steps and set(f["timeline"]) <= set("CFR")
+    assert f["computed"] + f["forecast"] == steps
+    assert f["computed"] == f["timeline"].count("C") + f["timeline"].count("R")
+    assert f["forecast"] == f["timeline"].count("F") > 0
+    assert 0 < f["compute_fraction"] < 1 and f["speedup"] == pytest.approx(1 / f["compute_fraction"], rel=1e-2)
+    assert f["cache_bytes"] > 0
+    # live events fill the timeline step by step
+    for i, s in enumerate(live):
+        assert len(s["timeline"].replace(".", "")) == i + 1
+    history = server.get(f"/history/{prompt_id}")[prompt_id]
+    assert history["status"]["completed"]
+    assert "finite=True" in history["outputs"]["5"]["text"][0]
+
+
+def test_threshold_zero_reports_every_step_computed(server):
+    inputs = dict(sc_defaults(server), threshold=0.0)
+    _, events = run_prompt(server, api_graph(inputs, steps=8, seed=5))
+    final = [e["data"] for e in events if e["type"] == "speculative_cache.stats" and e["data"]["final"]]
+    assert final[-1]["timeline"] == "C" * 8 and final[-1]["forecast"] == 0
+
+
+def test_example_workflows_are_served_as_templates(server):
+    templates = server.get("/workflow_templates")
+    ours = templates.get("speculative-cache")
+    assert sorted(ours) == ["flux_dev_text_to_image", "hunyuan_video_text_to_video"]
+    wf = server.get("/api/workflow_templates/speculative-cache/flux_dev_text_to_image.json")
+    assert any(n["type"] == "SpeculativeCache" for n in wf["nodes"])
+
+
+def test_web_extension_is_served(server):
+    assert "/extensions/speculative-cache/speculative_cache.js" in server.get("/extensions")
