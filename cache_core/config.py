@@ -5,16 +5,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-METHODS = ("speca", "taylorseer")
+METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca")
+FORECASTERS = ("taylor", "hicache", "foca")
+TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1")
 ON_REJECT = ("redo", "next")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    # "speca": forecast, then verify each forecast with one real block (SpeCa).
-    # "taylorseer": forecast at a fixed interval, no verification (TaylorSeer).
+    # "speca": forecast, then verify each forecast with one real block (SpeCa), with the
+    #   draft ``forecaster``. The others forecast at a fixed interval without verification:
+    # "taylorseer" (Taylor), "reuse" (FORA: order 0), "hicache" (Hermite), "foca" (FoCa).
     method: str = "speca"
+    forecaster: str = "taylor"       # SpeCa's draft: taylor | hicache | foca
+    time_axis: str = "sigma"         # forecast coordinate: sigma, or step index (papers)
+    hicache_scale: float = 0.7       # HiCache's sigma (the paper's FLUX script uses 0.7)
+    # The SpeCa reference code never computes two steps in a row fully (even in warm-up).
+    paper_schedule: bool = False
     # Verification tolerance. 0 disables forecasting entirely (output identical
     # to the unpatched model).
     threshold: float = 0.15
@@ -46,6 +54,12 @@ class CacheConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.forecaster not in FORECASTERS:
+            problems.append(f"forecaster must be one of {FORECASTERS}, got {self.forecaster!r}")
+        if self.time_axis not in TIME_AXES:
+            problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
+        if not (0.0 < self.hicache_scale <= 2.0):
+            problems.append(f"hicache_scale must be in (0, 2], got {self.hicache_scale}")
         if self.metric not in METRICS:
             problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.on_reject not in ON_REJECT:
@@ -75,6 +89,13 @@ class CacheConfig:
     @property
     def verifies(self) -> bool:
         return self.method == "speca"
+
+    @property
+    def draft(self) -> str:
+        """The forecaster that produces the features of a forecast step."""
+        if self.method == "speca":
+            return self.forecaster
+        return {"hicache": "hicache", "foca": "foca"}.get(self.method, "taylor")
 
     @property
     def enabled(self) -> bool:

@@ -115,6 +115,180 @@ class TaylorForecaster(Forecaster):
         return out.to(self.value_dtype)
 
 
+class HermiteForecaster(TaylorForecaster):
+    """HiCache (arXiv 2508.16984): the Taylor power basis x^k/k! is replaced by the scaled
+    Hermite basis sigma^k H_k(sigma x) / k! ("dual scaling"), physicists' Hermite
+    polynomials H_0 = 1, H_1 = 2z, H_{k+1} = 2z H_k - 2k H_{k-1}.
+
+        F(x) = F_0 + sum_{k>=1} sigma^k / k! * H_k(sigma x) * d_k
+
+    x is the distance to the newest computed point in units of the last gap between
+    computed points, and d_k = k! f[t_0..t_k] g^k the k-th derivative in those units,
+    estimated from the same divided differences as the Taylor forecaster (g = t_0 - t_1).
+    With sigma = 1/sqrt(2) the basis is the probabilists' Hermite He_k(x)."""
+
+    def __init__(self, order: int, scale: float = 0.7, storage_dtype: str | None = None):
+        super().__init__(order, storage_dtype)
+        self.scale = float(scale)
+
+    @staticmethod
+    def hermite(k: int, z: float) -> float:
+        h_prev, h = 1.0, 2.0 * z
+        if k == 0:
+            return h_prev
+        for n in range(1, k):
+            h_prev, h = h, 2.0 * z * h - 2.0 * n * h_prev
+        return h
+
+    def predict(self, t: float) -> torch.Tensor:
+        if not self.diffs:
+            raise RuntimeError("forecast requested before any computed point")
+        out = self._work(self.diffs[0]).clone()
+        if len(self.diffs) < 2:
+            return out.to(self.value_dtype)
+        g = self.times[0] - self.times[1]
+        x = (float(t) - self.times[0]) / g
+        s = self.scale
+        for k in range(1, len(self.diffs)):
+            # sigma^k / k! * H_k(sigma x) * (k! f[t_0..t_k] g^k)
+            coeff = (s ** k) * self.hermite(k, s * x) * (g ** k)
+            out.add_(self._work(self.diffs[k]), alpha=coeff)
+        return out.to(self.value_dtype)
+
+
+class TaylorSeerForecaster(Forecaster):
+    """TaylorSeer exactly as its reference code (arXiv 2503.06923; research notes 0.1), for
+    reproducing the paper on the step axis: at each computed point, factor i+1 becomes
+    (factor i now - factor i at the previous computed point) / (gap between the last two
+    computed points); the forecast is sum_i factor_i x^i / i!, x = distance to the newest
+    computed point. Exact only for uniform spacing."""
+
+    def __init__(self, order: int, storage_dtype: str | None = None):
+        self.order = int(order)
+        self.storage_dtype = _DTYPES[storage_dtype] if storage_dtype else None
+        self.factors: list[torch.Tensor] = []
+        self.time: float | None = None
+        self.value_dtype = None
+
+    @property
+    def points(self) -> int:
+        return 0 if self.time is None else 1
+
+    def reset(self) -> None:
+        self.factors, self.time, self.value_dtype = [], None, None
+
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.factors)
+
+    def update(self, t: float, value: torch.Tensor) -> None:
+        t = float(t)
+        self.value_dtype = value.dtype
+        new = [value.detach().float().clone()]
+        if self.time is not None and t != self.time:
+            gap = t - self.time
+            for i in range(min(len(self.factors), self.order)):
+                new.append((new[i] - self.factors[i].float()) / gap)
+        elif self.time is not None:
+            new += [f.float() for f in self.factors[1:]]
+        self.factors = [f.to(self.storage_dtype or self.value_dtype) for f in new]
+        self.time = t
+
+    def predict(self, t: float) -> torch.Tensor:
+        if self.time is None:
+            raise RuntimeError("forecast requested before any computed point")
+        x = float(t) - self.time
+        out = self.factors[0].float().clone()
+        fact = 1.0
+        for i in range(1, len(self.factors)):
+            fact *= i
+            out.add_(self.factors[i].float(), alpha=x ** i / fact)
+        return out.to(self.value_dtype)
+
+
+class FoCaForecaster(TaylorForecaster):
+    """Forecast-then-calibrate (FoCa, arXiv 2508.16211) seen as an ODE solver on the
+    feature trajectory dF/dt = v(t). The paper's equations were not available; this is a
+    derivation from its abstract's view (research notes 7):
+
+    * velocity samples: the secant slopes of the last K computed points, each at the
+      midpoint of its interval (exact derivatives there for a quadratic trajectory);
+    * v(t): a straight line fitted to those samples by least squares (K - 1 >= 2
+      samples: the history is integrated, not interpolated, which damps noise at large
+      forecast gaps);
+    * predictor: explicit Euler, F_p = F_0 + (t - t_0) v(t_0);
+    * corrector (Heun / trapezoid): F_c = F_0 + (t - t_0) (v(t_0) + v(t)) / 2.
+
+    Exact for quadratic trajectories; the predictor alone is first order."""
+
+    def __init__(self, history: int = 4, storage_dtype: str | None = None, correct: bool = True):
+        super().__init__(max(int(history) - 1, 1), storage_dtype)
+        self.correct = correct
+        self._points: list[torch.Tensor] = []  # raw values, newest first
+
+    def reset(self) -> None:
+        super().reset()
+        self._points = []
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._points)
+
+    @property
+    def points(self) -> int:
+        return len(self._points)
+
+    def update(self, t: float, value: torch.Tensor) -> None:
+        t = float(t)
+        self.value_dtype = value.dtype
+        v = self._store(self._work(value.detach()).clone())
+        if self.times and abs(t - self.times[0]) <= 1e-9 * max(1.0, abs(t)):
+            self._points[0] = v
+            return
+        keep = self.order + 1
+        self._points = [v] + self._points[:keep - 1]
+        self.times = [t] + self.times[:keep - 1]
+
+    def _velocity_line(self):
+        """(slope samples -> least-squares line): returns v(tau) as a callable."""
+        pts = [self._work(p) for p in self._points]
+        taus, vels = [], []
+        for i in range(len(pts) - 1):
+            dt = self.times[i] - self.times[i + 1]
+            taus.append(0.5 * (self.times[i] + self.times[i + 1]))
+            vels.append((pts[i] - pts[i + 1]) / dt)
+        if len(vels) == 1:
+            return lambda tau: vels[0]
+        n = len(taus)
+        mean_tau = sum(taus) / n
+        var = sum((x - mean_tau) ** 2 for x in taus)
+        mean_v = sum(vels) / n
+        slope = sum((x - mean_tau) * v for x, v in zip(taus, vels)) / var
+        return lambda tau: mean_v + (tau - mean_tau) * slope
+
+    def predict(self, t: float) -> torch.Tensor:
+        if not self._points:
+            raise RuntimeError("forecast requested before any computed point")
+        f0 = self._work(self._points[0])
+        if len(self._points) < 2:
+            return f0.clone().to(self.value_dtype)
+        v = self._velocity_line()
+        dt = float(t) - self.times[0]
+        v0 = v(self.times[0])
+        if not self.correct:
+            return (f0 + dt * v0).to(self.value_dtype)
+        return (f0 + dt * 0.5 * (v0 + v(float(t)))).to(self.value_dtype)
+
+
+FORECASTERS = ("taylor", "hicache", "foca")
+
+
 def make_forecaster(config) -> Forecaster:
     """The forecaster a CacheConfig asks for."""
-    return TaylorForecaster(config.order, config.storage_dtype)
+    name = config.draft
+    if name == "hicache":
+        return HermiteForecaster(max(config.order, 1), config.hicache_scale, config.storage_dtype)
+    if name == "foca":
+        return FoCaForecaster(4, config.storage_dtype)
+    order = 0 if config.method == "reuse" else config.order
+    if config.time_axis == "step":
+        return TaylorSeerForecaster(order, config.storage_dtype)
+    return TaylorForecaster(order, config.storage_dtype)

@@ -40,6 +40,7 @@ class Policy:
         self.end_time = float(end_time)
         self.forecasts_since_full = 0
         self.force_full_next = False
+        self.last_full = False
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -49,6 +50,10 @@ class Policy:
         full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
         if not c.enabled:
             return full("disabled")
+        if c.paper_schedule and self.last_full and has_history and step_index < self.total_steps - c.final_full_steps:
+            # SpeCa's reference state machine: after a full step always one forecast, even
+            # in warm-up (so warm-up 3 computes steps 0 and 2).
+            return Decision(StepMode.FORECAST, False, "after_full")
         if step_index < c.warmup_steps:
             return full("warmup")
         if step_index >= self.total_steps - c.final_full_steps:
@@ -59,7 +64,7 @@ class Policy:
             return full("no_history")
         if self.force_full_next:
             return full("after_reject")
-        if c.method == "taylorseer" or not c.verifies:
+        if not c.verifies:
             if self.forecasts_since_full >= c.max_forecast_steps:
                 return full("interval")
             return Decision(StepMode.FORECAST, False, "interval")
@@ -71,9 +76,11 @@ class Policy:
     def record_full(self) -> None:
         self.forecasts_since_full = 0
         self.force_full_next = False
+        self.last_full = True
 
     def record_forecast(self) -> None:
         self.forecasts_since_full += 1
+        self.last_full = False
 
     def request_full_next(self) -> None:
         self.force_full_next = True

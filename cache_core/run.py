@@ -34,13 +34,16 @@ class SpeculativeRun:
         self.closed = False
 
     # ---- evaluation (one model call of the sampler, all chunks) -------------------
-    def begin_evaluation(self, time: float, step_index: int | None = None) -> Decision:
+    def begin_evaluation(self, sigma: float, step_index: int | None = None) -> Decision:
+        """``sigma``: the sampler's noise level of this evaluation (decides the window);
+        the forecast coordinate ``time`` is sigma, or the step index on the step axis."""
         self._end_evaluation()
         if step_index is not None:
             self.step_index = int(step_index)
-        self.time = float(time)
+        self.sigma = float(sigma)
+        self.time = self.sigma if self.config.time_axis == "sigma" else float(self.step_index)
         has_history = bool(self.streams) and any(s.forecasters for s in self.streams.values())
-        self.decision = self.policy.decide(self.step_index, self.time, has_history)
+        self.decision = self.policy.decide(self.step_index, self.sigma, has_history)
         self.stats.evaluations += 1
         self._eval_outcome = None
         return self.decision

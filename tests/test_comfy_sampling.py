@@ -254,7 +254,10 @@ def test_schema_slider_defaults_and_limits(spec_nodes):
         opts = spec[1] if len(spec) > 1 else {}
         assert "default" in opts, name
         assert opts.get("tooltip"), name
-    assert required["method"][0] == ["speca", "taylorseer"] or required["method"][1]["options"]
+    methods = required["method"][0] if isinstance(required["method"][0], list) else required["method"][1]["options"]
+    assert set(methods) == {"speca", "taylorseer", "reuse", "hicache", "foca"}
+    presets = required["preset"][0] if isinstance(required["preset"][0], list) else required["preset"][1]["options"]
+    assert {"auto", "custom", "paper_flux"} <= set(presets)
     assert required["order"][1]["min"] == 0 and required["max_forecast_steps"][1]["min"] == 1
     assert info["output"] == ["MODEL"]
 
@@ -265,3 +268,33 @@ def test_pack_loads_under_any_folder_name_without_top_level_modules(spec_nodes):
     assert other.WEB_DIRECTORY == "./web/js"
     assert "cache_core" not in sys.modules
     assert sys.modules["nodes"].__file__.endswith("nodes.py")  # ComfyUI's own, untouched
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+@pytest.mark.parametrize("settings", [
+    dict(method="reuse"), dict(method="taylorseer", order=3), dict(method="hicache"), dict(method="foca"),
+    dict(method="speca", forecaster="hicache"), dict(method="speca", forecaster="foca"),
+    dict(method="taylorseer", order=2, preset="custom"), dict(preset="paper_flux", threshold=7.0),
+    dict(preset="paper_hunyuan_video", threshold=1.0), dict(storage_dtype="bfloat16")],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_every_method_through_the_sampler(spec_nodes, models, stats_log, name, settings):
+    m = models[name]
+    steps = 16
+    ref = tm.sample(m, name, steps=steps)
+    counter = BlockCounter(m)
+    try:
+        out = tm.sample(cached(spec_nodes, m, **{"threshold": 5.0, **settings}), name, steps=steps)
+    finally:
+        counter.close()
+    s = stats_log[-1]
+    assert torch.isfinite(out).all()
+    assert counter.counts["first"] == s["eval_computed"] < steps     # fewer real evaluations
+    assert s["forecast"] > 0
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("forecaster", ["taylor", "hicache", "foca"])
+def test_speca_drafts_are_lossless_at_threshold_zero(spec_nodes, models, forecaster):
+    m = models["flux"]
+    ref = tm.sample(m, "flux", steps=10)
+    assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0, forecaster=forecaster), "flux", steps=10), ref)
