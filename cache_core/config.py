@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca")
+METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
+GRANULARITIES = ("stack", "block")
 FORECASTERS = ("taylor", "hicache", "foca")
 TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1")
@@ -23,6 +24,13 @@ class CacheConfig:
     hicache_scale: float = 0.7       # HiCache's sigma (the paper's FLUX script uses 0.7)
     # The SpeCa reference code never computes two steps in a row fully (even in warm-up).
     paper_schedule: bool = False
+    # "stack": forecast the residual of each block stage (small memory). "block": forecast
+    # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
+    granularity: str = "stack"
+    # ClusCa: clusters of image tokens, and how far each token moves to its cluster's
+    # fresh value at a forecast step.
+    clusters: int = 16
+    gamma: float = 0.005
     # Verification tolerance. 0 disables forecasting entirely (output identical
     # to the unpatched model).
     threshold: float = 0.15
@@ -60,6 +68,12 @@ class CacheConfig:
             problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
         if not (0.0 < self.hicache_scale <= 2.0):
             problems.append(f"hicache_scale must be in (0, 2], got {self.hicache_scale}")
+        if self.granularity not in GRANULARITIES:
+            problems.append(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not (1 <= self.clusters <= 4096):
+            problems.append(f"clusters must be in 1..4096, got {self.clusters}")
+        if not (0.0 <= self.gamma <= 1.0):
+            problems.append(f"gamma must be in [0, 1], got {self.gamma}")
         if self.metric not in METRICS:
             problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.on_reject not in ON_REJECT:
@@ -89,6 +103,11 @@ class CacheConfig:
     @property
     def verifies(self) -> bool:
         return self.method == "speca"
+
+    @property
+    def block_level(self) -> bool:
+        """ClusCa works inside the blocks, so it always uses block granularity."""
+        return self.granularity == "block" or self.method == "clusca"
 
     @property
     def draft(self) -> str:

@@ -30,6 +30,14 @@ class Forecaster:
     def reset(self) -> None:
         raise NotImplementedError
 
+    # The value at the newest computed point ("factor 0"). ClusCa refreshes part of it
+    # between computed steps; the forecast then extrapolates from the refreshed anchor.
+    def get_anchor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_anchor(self, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
 
 class TaylorForecaster(Forecaster):
     """Polynomial forecast of order ``order`` through the last ``order + 1`` computed
@@ -67,6 +75,12 @@ class TaylorForecaster(Forecaster):
 
     def nbytes(self) -> int:
         return sum(d.numel() * d.element_size() for d in self.diffs)
+
+    def get_anchor(self) -> torch.Tensor:
+        return self.diffs[0]
+
+    def set_anchor(self, value: torch.Tensor) -> None:
+        self.diffs[0] = value.to(self.diffs[0].dtype)
 
     def _work(self, d: torch.Tensor) -> torch.Tensor:
         # Arithmetic in at least float32: differences of nearby features cancel.
@@ -180,6 +194,12 @@ class TaylorSeerForecaster(Forecaster):
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
 
+    def get_anchor(self) -> torch.Tensor:
+        return self.factors[0]
+
+    def set_anchor(self, value: torch.Tensor) -> None:
+        self.factors[0] = value.to(self.factors[0].dtype)
+
     def update(self, t: float, value: torch.Tensor) -> None:
         t = float(t)
         self.value_dtype = value.dtype
@@ -231,6 +251,12 @@ class FoCaForecaster(TaylorForecaster):
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._points)
+
+    def get_anchor(self) -> torch.Tensor:
+        return self._points[0]
+
+    def set_anchor(self, value: torch.Tensor) -> None:
+        self._points[0] = value.to(self._points[0].dtype)
 
     @property
     def points(self) -> int:

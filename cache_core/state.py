@@ -25,6 +25,7 @@ class StreamCache:
         self._make = make_forecaster
         self.forecasters: dict[str, Forecaster] = {}
         self.signatures: dict[str, tuple] = {}
+        self.aux: dict[str, torch.Tensor] = {}   # e.g. ClusCa's cluster labels and centroids
         self.resets = 0
 
     def reset(self) -> None:
@@ -32,6 +33,7 @@ class StreamCache:
             f.reset()
         self.forecasters.clear()
         self.signatures.clear()
+        self.aux.clear()
 
     def compatible(self, features: dict[str, torch.Tensor]) -> bool:
         return all(self.signatures.get(k) == tensor_signature(v) for k, v in features.items())
@@ -62,4 +64,5 @@ class StreamCache:
         return {name: self.forecasters[name].predict(t) for name in names}
 
     def nbytes(self) -> int:
-        return sum(f.nbytes() for f in self.forecasters.values())
+        return (sum(f.nbytes() for f in self.forecasters.values())
+                + sum(t.numel() * t.element_size() for t in self.aux.values()))

@@ -122,3 +122,56 @@ def forward_argument(module, name: str, args, kwargs):
                 return args[i]
             return None
     return None
+
+
+WARN_CACHE_BYTES = 4 * 2**30   # warn above this estimate (or above 30 % of free GPU memory)
+
+
+def estimate_cache_bytes(adapter, diffusion_model, config, latent_shape, txt_tokens: int, streams: int,
+                         element_size: int) -> int | None:
+    """Cache memory a run will need, from the model's size and the latent's resolution:
+    tokens x hidden size x stored tensors x history points x streams x bytes."""
+    if not isinstance(adapter, StackAdapter):
+        return None
+    hidden = getattr(getattr(diffusion_model, "params", None), "hidden_size", None) or \
+        getattr(diffusion_model, "hidden_size", None)
+    patch = getattr(diffusion_model, "patch_size", 2)
+    patch = list(patch) if isinstance(patch, (list, tuple)) else [patch, patch]
+    spatial = list(latent_shape[2:])
+    if hidden is None or not spatial:
+        return None
+    img_tokens = 1
+    for size, p in zip(spatial[::-1], patch[::-1]):
+        img_tokens *= -(-size // p)
+    for size in spatial[:len(spatial) - len(patch)]:
+        img_tokens *= size
+    batch = latent_shape[0]
+    tokens = img_tokens + txt_tokens
+    if config.block_level:
+        tensors = sum(2 if k[0] == "double_block" else 1 for k in adapter.plan.keys) * tokens
+    else:
+        tensors = sum(tokens for _ in adapter.plan.stages)
+    points = 4 if config.draft == "foca" else config.order + 1
+    if config.method == "reuse":
+        points = 1
+    if config.storage_dtype:
+        element_size = {"float32": 4, "bfloat16": 2, "float16": 2}[config.storage_dtype]
+    return int(tensors * hidden * points * streams * batch * element_size)
+
+
+def cache_memory_warning(estimate: int | None, config, device=None) -> str | None:
+    if estimate is None:
+        return None
+    limit = WARN_CACHE_BYTES
+    try:
+        import comfy.model_management as mm
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            limit = min(limit, int(0.3 * mm.get_free_memory(device)))
+    except Exception:
+        pass
+    if estimate <= limit:
+        return None
+    how = ("granularity=stack, " if config.block_level else "") + "a lower order, or storage_dtype=bfloat16"
+    return (f"Speculative Cache: this run will keep about {estimate / 2**30:.1f} GiB of forecast history "
+            f"({'block' if config.block_level else 'stack'} granularity, {config.draft} order {config.order}) "
+            f"for this model and resolution. Use {how} to reduce it.")

@@ -24,8 +24,9 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
-                       select_adapter, warn_once)
+from . import blockwise
+from .adapters import (OutputAdapter, StackAdapter, cache_memory_warning, estimate_cache_bytes,
+                       find_transformer_options, forward_argument, select_adapter, warn_once)
 
 log = logging.getLogger("speculative_cache")
 
@@ -89,6 +90,18 @@ class RunContext:
         self.diffusion_model_seen = False
         self.apply_model_calls = 0
         self.wall_seconds = 0.0
+        self.diffusion_model = None
+        self.blockwise = False
+        # seeded, so that ClusCa's random representatives repeat from run to run
+        self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def features(self):
+        """The features a forecast step needs (stage residuals, or every block's outputs)."""
+        plan = self.adapter.plan
+        if self.blockwise:
+            return tuple(blockwise.BlockwiseCall.feature(k, n) for k in plan.keys for n in blockwise.CAPTURE[k[0]])
+        return plan.features
 
     def step_index_for(self, sigma: float) -> int:
         if self.callback_seen:
@@ -128,6 +141,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time,
                              mode=adapter.mode)
         ctx = RunContext(settings, run, adapter, sigmas)
+        _warn_cache_memory(guider, adapter, config, args[0])
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][RUN_KEY] = ctx
         started = time.perf_counter()
@@ -141,6 +155,29 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             stats = ctx.run.close()
             log.info(stats.summary_line())
             _notify(settings.node_id, stats, True)
+
+
+def _text_tokens(guider) -> int:
+    try:
+        cond = guider.conds["positive"][0]["model_conds"]["c_crossattn"].cond
+        return int(cond.shape[1])
+    except Exception:
+        return 512
+
+
+def _warn_cache_memory(guider, adapter, config, noise):
+    try:
+        dm = guider.model_patcher.get_model_object("diffusion_model")
+        streams = 1 if float(getattr(guider, "cfg", 1.0)) == 1.0 else 2
+        element = torch.empty((), dtype=guider.model_patcher.model_dtype()).element_size()
+        estimate = estimate_cache_bytes(adapter, dm, config, tuple(noise.shape), _text_tokens(guider),
+                                        streams, element)
+        message = cache_memory_warning(estimate, config, guider.model_patcher.load_device)
+    except Exception:
+        log.debug("Speculative Cache: no cache memory estimate", exc_info=True)
+        return
+    if message:
+        warn_once(message)
 
 
 def sampler_sample_wrapper(executor, *args, **kwargs):
@@ -182,6 +219,13 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     ctx.diffusion_model_seen = True
     module = executor.class_obj
+    if ctx.diffusion_model is None:
+        ctx.diffusion_model = module
+        if ctx.run.config.block_level and ctx.stack_ok:
+            ctx.blockwise = blockwise.supports(module)
+            if not ctx.blockwise:
+                warn_once(f"Speculative Cache: block granularity is not available for "
+                          f"{type(module).__name__}; using stack granularity.")
     use_stack = ctx.stack_ok
     if use_stack and forward_argument(module, "control", args, kwargs) is not None:
         warn_once("Speculative Cache: a ControlNet is attached; its residuals are added outside "
@@ -253,8 +297,9 @@ def _stack_forward(ctx, executor, args, kwargs, to):
     x = args[0]
     chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)))
     decision = run.decision
-    if decision.forecast and chunk.can_forecast(plan.features):
-        call = ctx.active = BlockCall(ctx, chunk, forecast=True, verify=decision.verify)
+    make_call = blockwise.BlockwiseCall if ctx.blockwise else BlockCall
+    if decision.forecast and chunk.can_forecast(ctx.features):
+        call = ctx.active = make_call(ctx, chunk, forecast=True, verify=decision.verify)
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -268,7 +313,7 @@ def _stack_forward(ctx, executor, args, kwargs, to):
         else:
             chunk.finish(REJECTED if call.rejected else FORECAST)
             return out
-    call = ctx.active = BlockCall(ctx, chunk, forecast=False, verify=False)
+    call = ctx.active = make_call(ctx, chunk, forecast=False, verify=False)
     try:
         out = executor(*args, **kwargs)
     finally:

@@ -77,6 +77,17 @@ INPUTS = [
         "storage_dtype", options=["auto", "float32", "bfloat16", "float16"], default="auto",
         tooltip="Precision of the stored forecast history. auto keeps the model's precision; "
                 "bfloat16 halves the cache memory of a float32 model."),
+    io.Combo.Input(
+        "granularity", options=["stack", "block"], default=_D.granularity,
+        tooltip="stack: forecast the residual of each block stage (small memory, the default). "
+                "block: forecast every block's attention and MLP outputs (TaylorSeer; closer to the "
+                "papers, needs gigabytes on FLUX at 1024x1024). clusca always uses block."),
+    _slider_int("clusters", _D.clusters, 1, 256,
+                "ClusCa: number of token clusters; one token per cluster is computed for real at "
+                "each forecast step."),
+    _slider_float("gamma", _D.gamma, 0.0, 1.0, 0.001,
+                  "ClusCa: how far every token's cached MLP output moves towards its cluster's "
+                  "fresh value (0 = only the computed tokens are refreshed)."),
 ]
 DEFAULTS = {i.id: i.default for i in INPUTS}
 

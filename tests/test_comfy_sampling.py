@@ -298,3 +298,85 @@ def test_speca_drafts_are_lossless_at_threshold_zero(spec_nodes, models, forecas
     m = models["flux"]
     ref = tm.sample(m, "flux", steps=10)
     assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0, forecaster=forecaster), "flux", steps=10), ref)
+
+
+def test_clusca_token_subset_equals_the_full_block_mlp_when_every_token_is_a_representative(spec_nodes):
+    import comfy.ops
+    from comfy.ldm.flux.layers import DoubleStreamBlock
+    blockwise = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.blockwise")
+    h, n = 32, 12
+    blk = DoubleStreamBlock(h, 2, 4.0, qkv_bias=True, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        rows = torch.randn(2, n, h, generator=g)
+        _, mod2 = blk.img_mod(torch.randn(2, h, generator=g))
+        full = blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(rows), 1 + mod2.scale))
+        labels = torch.arange(n).repeat(2, 1)                # every token its own cluster
+        anchor = torch.zeros(2, n, h)
+        for gamma in (0.0, 0.3):
+            refreshed = blockwise.refresh_mlp_anchor(blk, rows, labels, n, 1 + mod2.scale, mod2.shift, anchor,
+                                                     gamma, torch.Generator().manual_seed(1))
+            assert torch.allclose(refreshed, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+@pytest.mark.parametrize("settings", [dict(granularity="block"), dict(method="clusca"),
+                                      dict(method="clusca", gamma=0.0, clusters=4)],
+                         ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_block_granularity_and_clusca_through_the_sampler(spec_nodes, models, stats_log, name, settings):
+    m = models[name]
+    ref = tm.sample(m, name, steps=16)
+    counter = BlockCounter(m)
+    try:
+        out = tm.sample(cached(spec_nodes, m, threshold=5.0, **settings), name, steps=16)
+    finally:
+        counter.close()
+    s = stats_log[-1]
+    assert torch.isfinite(out).all() and s["forecast"] > 0
+    assert counter.counts["first"] == s["eval_computed"] < 16
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    again = tm.sample(cached(spec_nodes, m, threshold=5.0, **settings), name, steps=16)
+    assert torch.equal(again, out)                           # seeded representatives: reproducible
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+def test_block_granularity_redo_is_bit_identical(spec_nodes, models, stats_log, name):
+    m = models[name]
+    ref = tm.sample(m, name, steps=12)
+    out = tm.sample(cached(spec_nodes, m, threshold=1e-9, granularity="block"), name, steps=12)
+    assert torch.equal(out, ref) and stats_log[-1]["rejected"] == stats_log[-1]["verified"] > 0
+
+
+def test_cache_memory_estimate_matches_flux_at_1024_and_warns(spec_nodes):
+    """FLUX.1-dev at 1024x1024 (4096 image + 512 text tokens, hidden 3072, 19 + 38 blocks) in
+    bf16, one stream: order-2 block granularity needs about 6.45 GB (the SpeCa reference code's
+    per-module cache, research notes 5); stack granularity about 255 MB."""
+    import types
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    core = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
+    plan = core.StackPlan([(("double_block", i), ("img", "txt")) for i in range(19)] +
+                          [(("single_block", i), ("img",)) for i in range(38)])
+    adapter = adapters.StackAdapter("flux", plan)
+    dm = types.SimpleNamespace(params=types.SimpleNamespace(hidden_size=3072), patch_size=2)
+    latent = (1, 16, 128, 128)
+    block = core.CacheConfig(granularity="block", order=2)
+    stack = core.CacheConfig(order=2)
+    est_block = adapters.estimate_cache_bytes(adapter, dm, block, latent, 512, 1, 2)
+    est_stack = adapters.estimate_cache_bytes(adapter, dm, stack, latent, 512, 1, 2)
+    assert est_block == 76 * 4608 * 3072 * 3 * 2 and abs(est_block / 1e9 - 6.45) < 0.01
+    assert est_stack == 3 * 4608 * 3072 * 3 * 2
+    message = adapters.cache_memory_warning(est_block, block)
+    assert "6.0 GiB" in message and "granularity=stack" in message
+    assert adapters.cache_memory_warning(est_stack, stack) is None
+
+
+def test_block_granularity_warns_with_the_number(spec_nodes, monkeypatch, caplog):
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    monkeypatch.setattr(adapters, "WARN_CACHE_BYTES", 1000)    # the tiny model's cache is small
+    adapters._warned.clear()
+    m = tm.build("flux", seed=3)
+    with caplog.at_level("WARNING", logger="speculative_cache"):
+        tm.sample(cached(spec_nodes, m, threshold=5.0, granularity="block"), "flux", steps=6)
+    assert any("GiB of forecast history" in r.message for r in caplog.records)

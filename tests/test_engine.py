@@ -349,3 +349,48 @@ def test_methods_pick_their_forecasters(core):
     assert fc.make_forecaster(core.CacheConfig(method="reuse")).order == 0
     assert type(fc.make_forecaster(core.CacheConfig(forecaster="foca"))).__name__ == "FoCaForecaster"
     assert type(fc.make_forecaster(core.CacheConfig(time_axis="step"))).__name__ == "TaylorSeerForecaster"
+
+
+# ---- ClusCa building blocks ---------------------------------------------------------------
+def _clustering(core):
+    from importlib import import_module
+    return import_module(core.__name__ + ".clustering")
+
+
+def test_kmeans_recovers_planted_clusters(core):
+    cl = _clustering(core)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 16, generator=g) * 10
+    truth = torch.arange(5).repeat_interleave(40)
+    x = centers[truth] + torch.randn(200, 16, generator=g) * 0.3
+    perm = torch.randperm(200, generator=g)
+    x, truth = x[perm][None], truth[perm]
+    labels, cent = cl.kmeans(x, 5, generator=torch.Generator().manual_seed(1), iters=20)
+    labels = labels[0]
+    # every planted cluster maps to exactly one found cluster, and vice versa
+    pairs = {(int(t), int(l)) for t, l in zip(truth, labels)}
+    assert len(pairs) == 5 and len({l for _, l in pairs}) == 5
+    # warm start from the found centroids converges at once to the same partition
+    again, _ = cl.kmeans(x, 5, init=cent, iters=1)
+    assert torch.equal(again[0], labels)
+
+
+def test_gamma_zero_leaves_non_representatives_untouched(core):
+    cl = _clustering(core)
+    anchor = torch.randn(2, 30, 8)
+    labels = torch.randint(0, 4, (2, 30), generator=torch.Generator().manual_seed(2))
+    idx = cl.pick_representatives(labels, 4, torch.Generator().manual_seed(3))
+    for r in range(2):
+        for c in range(4):
+            if (labels[r] == c).any():
+                assert labels[r, idx[r, c]] == c          # a member of its cluster
+    fresh = torch.randn(2, 4, 8)
+    out = cl.propagate(anchor, labels, idx, fresh, gamma=0.0)
+    touched = torch.zeros(2, 30, dtype=torch.bool)
+    touched.scatter_(1, idx, True)
+    assert torch.equal(out[~touched], anchor[~touched])
+    assert torch.equal(torch.gather(out, 1, idx[..., None].expand(-1, -1, 8)), fresh)
+    half = cl.propagate(anchor, labels, idx, fresh, gamma=0.5)
+    member = (~touched[0]).nonzero()[0, 0]
+    expected = 0.5 * fresh[0, labels[0, member]] + 0.5 * anchor[0, member]
+    assert torch.allclose(half[0, member], expected)

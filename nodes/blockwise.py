@@ -1,0 +1,195 @@
+"""Block granularity (TaylorSeer, arXiv 2503.06923): every block's attention and MLP
+outputs before the gate are stored at computed steps and forecast at the others; the
+residual stream still flows block by block with the live adaLN gates of this step:
+
+    double block:  img += gate1 * A_img^ ;  img += gate2 * M_img^   (same for txt)
+    single block:  x   += gate  * T^        (T = linear2 output)
+
+At computed steps the original block runs unchanged; its pre-gate outputs are captured
+with forward hooks that exist only for that call. ClusCa (arXiv 2509.10312) refreshes
+the image MLP of the double blocks at forecast steps with one real token per cluster.
+
+Supported blocks: ComfyUI's FLUX / HunyuanVideo DoubleStreamBlock and SingleStreamBlock
+(comfy.ldm.flux.layers)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..cache_core.clustering import kmeans, pick_representatives, propagate
+
+CAPTURE = {
+    "double_block": {"img_attn": "img_attn.proj", "img_mlp": "img_mlp", "txt_attn": "txt_attn.proj",
+                     "txt_mlp": "txt_mlp"},
+    "single_block": {"total": "linear2"},
+}
+ATTR = {"double_block": "double_blocks", "single_block": "single_blocks"}
+
+
+def supports(diffusion_model) -> bool:
+    try:
+        from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+    except ImportError:
+        return False
+    blocks = list(getattr(diffusion_model, "double_blocks", []) or []) + \
+        list(getattr(diffusion_model, "single_blocks", []) or [])
+    return bool(blocks) and all(type(b) in (DoubleStreamBlock, SingleStreamBlock) for b in blocks)
+
+
+@contextlib.contextmanager
+def capture(block, names: dict):
+    """Forward hooks on ``block``'s submodules for one call; yields {name: output}."""
+    got, handles = {}, []
+    try:
+        for name, path in names.items():
+            module = block.get_submodule(path)
+            handles.append(module.register_forward_hook(
+                lambda mod, inp, out, name=name: got.__setitem__(name, out.detach().clone())))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _gate(tensor, gate, dims):
+    from comfy.ldm.flux.layers import apply_mod
+    return apply_mod(tensor, gate, None, dims)
+
+
+class BlockwiseCall:
+    """What the block patches do during one model call at block granularity."""
+
+    def __init__(self, ctx, chunk, forecast: bool, verify: bool):
+        self.ctx = ctx
+        self.chunk = chunk
+        self.forecast = forecast
+        self.verify = verify
+        self.config = ctx.run.config
+        self.keys = ctx.adapter.plan.keys
+        self.last_key = self.keys[-1]
+        doubles = [k for k in self.keys if k[0] == "double_block"]
+        self.cluster_key = doubles[-1] if doubles else None
+        self.fired: list = []
+        self.failed = ""
+        self.rejected = False
+        self.rejected_units = 0.0
+
+    def module(self, key):
+        return getattr(self.ctx.diffusion_model, ATTR[key[0]])[key[1]]
+
+    @staticmethod
+    def feature(key, name):
+        return f"{key[0]}{key[1]}.{name}"
+
+    # ---- full ----------------------------------------------------------------------
+    def block(self, key, args, run_block):
+        key = tuple(key)
+        if key[0] not in CAPTURE:
+            self.fired.append(key)
+            return run_block()
+        if self.forecast:
+            return self._forecast_block(key, args, run_block)
+        self.fired.append(key)
+        names = CAPTURE[key[0]]
+        with capture(self.module(key), names) as got:
+            out = run_block()
+        self.chunk.add_units(1.0)
+        if len(got) == len(names):
+            self.chunk.record({self.feature(key, n): got[n] for n in names})
+        if self.config.method == "clusca" and key == self.cluster_key:
+            self._cluster(out["img"])
+        return out
+
+    def _cluster(self, img):
+        """K-means of the image tokens after the last double block, per stream and row,
+        warm-started from the previous computed step's centroids."""
+        gen = self.ctx.generator
+        for stream, rows in zip(self.chunk.streams(), self.chunk.split(img)):
+            labels, cent = kmeans(rows, self.config.clusters, init=stream.aux.get("centroids"), generator=gen)
+            stream.aux["labels"], stream.aux["centroids"] = labels, cent
+
+    # ---- forecast ------------------------------------------------------------------
+    def _pred(self, key, name, like):
+        pred = self.chunk.predict(self.feature(key, name))
+        if pred.shape != like.shape:
+            self.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(like.shape)}"
+            return None
+        if not bool(torch.isfinite(pred).all()):
+            self.failed = "non-finite forecast"
+            self.ctx.run.stats.nonfinite += 1
+            return None
+        return pred.to(like.dtype)
+
+    def _forecast_block(self, key, args, run_block):
+        passthrough = {t: args[t] for t in ("img", "txt") if t in args}
+        if self.failed:
+            return passthrough
+        blk = self.module(key)
+        if key == self.last_key and self.verify:
+            with capture(blk, CAPTURE[key[0]]) as got:
+                out = run_block()
+            self.chunk.add_units(1.0)
+            name = "total" if key[0] == "single_block" else "img_mlp"
+            real = got.get(name)
+            pred = None if real is None else self._pred(key, name, real)
+            if pred is not None and not self.chunk.verify(pred, real):
+                self.rejected = True
+            return out
+        if key[0] == "single_block":
+            mod, _ = blk.modulation(args["vec"])
+            total = self._pred(key, "total", args["img"])
+            if total is None:
+                return passthrough
+            return {"img": args["img"] + _gate(total, mod.gate, args.get("modulation_dims"))}
+        im1, im2 = blk.img_mod(args["vec"])
+        tm1, tm2 = blk.txt_mod(args["vec"])
+        dims_i, dims_t = args.get("modulation_dims_img"), args.get("modulation_dims_txt")
+        preds = {n: self._pred(key, n, args["img" if n.startswith("img") else "txt"]) for n in CAPTURE[key[0]]}
+        if any(p is None for p in preds.values()):
+            return passthrough
+        img = args["img"] + _gate(preds["img_attn"], im1.gate, dims_i)
+        if self.config.method == "clusca" and dims_i is None:
+            refreshed = self._clusca_mlp(key, blk, img, im2)
+            if refreshed is not None:
+                preds["img_mlp"] = refreshed
+        img = img + _gate(preds["img_mlp"], im2.gate, dims_i)
+        txt = args["txt"] + _gate(preds["txt_attn"], tm1.gate, dims_t)
+        txt = txt + _gate(preds["txt_mlp"], tm2.gate, dims_t)
+        return {"img": img, "txt": txt}
+
+    def _clusca_mlp(self, key, blk, img, mod2):
+        """One real token per cluster through this block's image MLP; the cached MLP
+        output (factor 0) of every token moves towards its cluster's fresh value."""
+        name = self.feature(key, "img_mlp")
+        streams = self.chunk.streams()
+        if not all("labels" in s.aux for s in streams):
+            return None
+        parts = []
+        for i, (stream, rows) in enumerate(zip(streams, self.chunk.split(img))):
+            labels = stream.aux["labels"]
+            if labels.shape != rows.shape[:2]:
+                return None
+            sl = slice(i * self.chunk.rows, (i + 1) * self.chunk.rows)
+            scale = (1 + mod2.scale)[sl] if mod2.scale.shape[0] == img.shape[0] else 1 + mod2.scale
+            shift = mod2.shift[sl] if mod2.shift.shape[0] == img.shape[0] else mod2.shift
+            forecaster = stream.forecasters[name]
+            k = stream.aux["centroids"].shape[1]
+            forecaster.set_anchor(refresh_mlp_anchor(blk, rows, labels, k, scale, shift, forecaster.get_anchor(),
+                                                     self.config.gamma, self.ctx.generator))
+            parts.append(forecaster.predict(self.chunk.run.time))
+            self.chunk.add_units(k / max(rows.shape[1], 1) * 0.5)   # about half a block's work per token
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return out.to(img.dtype)
+
+
+def refresh_mlp_anchor(blk, rows, labels, k, scale, shift, anchor, gamma, generator):
+    """ClusCa's partial recomputation for one stream: pick one token per cluster, run the
+    block's image MLP on those tokens only (with this step's modulation), and propagate
+    (clustering.propagate). rows [R, N, D] is the residual stream after the forecast
+    attention; returns the refreshed anchor [R, N, D]."""
+    idx = pick_representatives(labels, k, generator)
+    tokens = torch.gather(rows, 1, idx[..., None].expand(-1, -1, rows.shape[-1]))
+    fresh = blk.img_mlp(torch.addcmul(shift, blk.img_norm2(tokens), scale))
+    return propagate(anchor, labels, idx, fresh, gamma)
