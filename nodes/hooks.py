@@ -14,7 +14,6 @@ state is put into a per-run clone of ``model_options`` and dropped at the end.""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +57,11 @@ def _prompt_server():
 
 
 def _notify(node_id, stats, final):
+    """Stats to the listeners and, when a server runs, to the UI. The per-step error
+    trace only travels with the final report."""
     payload = dict(stats.to_dict(), node=node_id, final=bool(final))
-    payload.pop("errors")
-    if final:
-        payload["errors"] = stats.to_dict()["errors"]
+    if not final:
+        payload.pop("errors")
     for listener in list(STATS_LISTENERS):
         try:
             listener(node_id, payload, final)
@@ -89,7 +89,6 @@ class RunContext:
         self.stack_ok = isinstance(adapter, StackAdapter)
         self.diffusion_model_seen = False
         self.apply_model_calls = 0
-        self.wall_seconds = 0.0
         self.diffusion_model = None
         self.blockwise = False
         # seeded, so that ClusCa's random representatives repeat from run to run
@@ -122,39 +121,40 @@ def _run_context(transformer_options) -> RunContext | None:
 # ---------------------------------------------------------------------------------
 # wrappers
 # ---------------------------------------------------------------------------------
+def _start_run(guider, settings: CacheSettings, args) -> RunContext:
+    config = settings.config
+    sigmas = args[3]
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    start_time = float(model_sampling.percent_to_sigma(config.start_percent))
+    end_time = float("-inf") if config.end_percent >= 1.0 else float(model_sampling.percent_to_sigma(config.end_percent))
+    adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
+    run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode)
+    _warn_cache_memory(guider, adapter, config, args[0])
+    return RunContext(settings, run, adapter, sigmas)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
     settings = original_options.get("transformer_options", {}).get(HOLDER_KEY)
     if not isinstance(settings, CacheSettings):
         return executor(*args, **kwargs)
-    sigmas = args[3]
-    ctx = None
     try:
-        config = settings.config
-        model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        start_time = float(model_sampling.percent_to_sigma(config.start_percent))
-        end_time = float(model_sampling.percent_to_sigma(config.end_percent))
-        if config.end_percent >= 1.0:
-            end_time = float("-inf")
-        adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
-        run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time,
-                             mode=adapter.mode)
-        ctx = RunContext(settings, run, adapter, sigmas)
-        _warn_cache_memory(guider, adapter, config, args[0])
+        ctx = _start_run(guider, settings, args)
+    except Exception:
+        # Never break the user's sampling: run it uncached and say why.
+        log.exception("Speculative Cache: could not set up this run; sampling without the cache")
+        return executor(*args, **kwargs)
+    try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options["transformer_options"][RUN_KEY] = ctx
-        started = time.perf_counter()
-        out = executor(*args, **kwargs)
-        ctx.wall_seconds = time.perf_counter() - started
-        return out
+        return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
-        if ctx is not None:
-            ctx.active = None
-            stats = ctx.run.close()
-            log.info(stats.summary_line())
-            _notify(settings.node_id, stats, True)
+        ctx.active = None
+        stats = ctx.run.close()
+        log.info(stats.summary_line())
+        _notify(settings.node_id, stats, True)
 
 
 def _text_tokens(guider) -> int:

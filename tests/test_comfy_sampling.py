@@ -380,3 +380,19 @@ def test_block_granularity_warns_with_the_number(spec_nodes, monkeypatch, caplog
     with caplog.at_level("WARNING", logger="speculative_cache"):
         tm.sample(cached(spec_nodes, m, threshold=5.0, granularity="block"), "flux", steps=6)
     assert any("GiB of forecast history" in r.message for r in caplog.records)
+
+
+def test_a_failing_setup_samples_uncached_instead_of_crashing(spec_nodes, models, monkeypatch, caplog):
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    m = models["flux"]
+    pm = cached(spec_nodes, m, threshold=5.0)
+    ref = tm.sample(m, "flux", steps=8)
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated adapter failure")
+
+    monkeypatch.setattr(hooks, "select_adapter", broken)
+    with caplog.at_level("ERROR", logger="speculative_cache"):
+        out = tm.sample(pm, "flux", steps=8)
+    assert torch.equal(out, ref)
+    assert any("sampling without the cache" in r.message for r in caplog.records)
