@@ -1,26 +1,25 @@
-"""Demo: sample through ComfyUI's real sampler on small FLUX and HunyuanVideo models on the
-CPU, with and without the Speculative Cache node, and print what it did.
+"""Demo: sample through ComfyUI's real sampler on the CPU with and without the Speculative
+Cache node, and show what it did.
 
     make demo            (or: .venv/bin/python -m benchmarks.demo)
 
-The models are ComfyUI's own Flux and HunyuanVideo classes at a small size with random
-weights: the timings and step counts are real, the pictures mean nothing (the
-benchmark's trained reference model is where fidelity is measured)."""
+1. The reference model (ComfyUI's FLUX architecture, small, trained on real photographs;
+   see benchmarks/reference_model.py): one sample per class, uncached and cached, side by
+   side in benchmarks/results/demo.png, with steps computed, wall clock and PSNR.
+2. ComfyUI's HunyuanVideo class at a small size with random weights: real step counts and
+   timings of the video path (random weights say nothing about the picture)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
+from importlib import import_module
+from pathlib import Path
 
 from . import comfy_env
 
-
-def psnr(a, b) -> float:
-    mse = float(((a - b) ** 2).mean())
-    peak = float(b.abs().max()) or 1.0
-    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed(fn, repeats):
@@ -32,54 +31,73 @@ def timed(fn, repeats):
     return out, best
 
 
+def report(title, s, t_ref, t_cache, psnr_db=None):
+    print(f"\n{title}")
+    print(f"  computed {s['computed']}/{s['steps']} steps, forecast {s['forecast']}, "
+          f"rejected {s['rejected']} of {s['verified']} verified forecasts")
+    print(f"  timeline {s['timeline']}  (C computed, F forecast, R rejected)")
+    print(f"  compute fraction {s['compute_fraction']:.3f} (estimated speedup {s['speedup']:.2f}x)")
+    print(f"  wall clock: uncached {t_ref:.2f} s, cached {t_cache:.2f} s -> {t_ref / t_cache:.2f}x")
+    if psnr_db is not None:
+        print(f"  fidelity to the uncached images: PSNR {psnr_db:.1f} dB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--threshold", type=float, default=None, help="node threshold (default: node default)")
+    ap.add_argument("--threshold", type=float, default=None, help="node threshold (default: the node's)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
-
     if comfy_env.find_comfyui() is None:
         print("ComfyUI not found: set COMFYUI_PATH (see README). Nothing to demo.")
         return 1
     comfy_env.setup_comfyui()
     import torch
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    from . import reference_model as rm
     from . import tiny_models as tm
+    from .metrics import psnr
     nodes = comfy_env.pack_nodes()
-    from importlib import import_module
     hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
     stats = []
     hooks.STATS_LISTENERS.append(lambda nid, s, final: final and stats.append(s))
-
     settings = {} if args.threshold is None else {"threshold": args.threshold}
-    # Big enough that the transformer blocks dominate the time, small enough for 2 CPU cores.
-    demos = [
-        ("FLUX", "flux", dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=3,
-                              depth_single_blocks=6), 2, 1.0),
-        ("HunyuanVideo", "hunyuan_video", dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24],
-                                               depth=3, depth_single_blocks=6), 2, 1.0),
-    ]
-    print(f"Speculative Cache demo: ComfyUI {comfy_env.find_comfyui()}, {args.steps} steps, euler, CPU")
-    for title, name, overrides, scale, cfg in demos:
-        spec = dict(tm.CONFIGS[name])
-        spec["unet"] = {**spec["unet"], **overrides}
-        tm.CONFIGS[f"demo_{name}"] = spec
-        model = tm.build(f"demo_{name}", seed=0)
-        run = lambda m: tm.sample(m, f"demo_{name}", steps=args.steps, cfg=cfg, scale=scale)  # noqa: E731
-        run(model)  # warm-up
-        ref, t_ref = timed(lambda: run(model), args.repeats)
-        patched = nodes.SpeculativeCache.execute(model, **settings).result[0]
-        out, t_cache = timed(lambda: run(patched), args.repeats)
-        s = stats[-1]
-        print(f"\n{title} (tiny, random weights; latent {tuple(ref.shape)}):")
-        print(f"  computed {s['computed']}/{s['steps']} steps, forecast {s['forecast']}, "
-              f"rejected {s['rejected']} of {s['verified']} verified")
-        print(f"  timeline {s['timeline']}")
-        print(f"  compute fraction {s['compute_fraction']:.3f} (est. speedup {s['speedup']:.2f}x)")
-        print(f"  wall clock: uncached {t_ref:.3f} s, cached {t_cache:.3f} s -> {t_ref / t_cache:.2f}x")
-        print(f"  vs uncached output: PSNR {psnr(out, ref):.1f} dB, "
-              f"relative error {float((out - ref).norm() / ref.norm()):.4f}")
+    print(f"Speculative Cache demo: ComfyUI at {comfy_env.find_comfyui()}, {args.steps} steps, euler, CPU")
+
+    # 1. the trained reference model
+    model = rm.load_reference()
+    patched = nodes.SpeculativeCache.execute(model, **settings).result[0]
+    labels = list(range(len(rm.CLASSES)))
+    seeds = [7000 + i for i in labels]
+    run = lambda m: rm.sample(m, labels, seeds, steps=args.steps)  # noqa: E731
+    rm.sample(model, labels[:1], seeds[:1], steps=args.steps)      # warm-up
+    ref, t_ref = timed(lambda: run(model), args.repeats)
+    n0 = len(stats)
+    out, t_cache = timed(lambda: run(patched), args.repeats)
+    runs = stats[n0:n0 + len(labels)]
+    total = {k: sum(s[k] for s in runs) for k in ("computed", "forecast", "rejected", "verified")}
+    s = dict(runs[0], **total, steps=sum(s["steps"] for s in runs),
+             compute_fraction=sum(s["compute_fraction"] for s in runs) / len(runs))
+    s["speedup"] = 1 / s["compute_fraction"]
+    s["timeline"] = runs[0]["timeline"] + f"  (class 0; {len(runs)} samples in all)"
+    report(f"Reference FLUX (trained, {len(labels)} samples of 128x128, cfg 2):", s, t_ref, t_cache,
+           sum(psnr(a, b) for a, b in zip(out, ref)) / len(labels))
+    RESULTS.mkdir(exist_ok=True)
+    rm.save_grid([ref, out], RESULTS / "demo.png", ["uncached", "Speculative Cache"])
+    print(f"  side by side: {RESULTS / 'demo.png'}")
+
+    # 2. HunyuanVideo path at a small size (random weights)
+    spec = dict(tm.CONFIGS["hunyuan_video"])
+    spec["unet"] = {**spec["unet"], **dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=3,
+                                           depth_single_blocks=6)}
+    tm.CONFIGS["demo_hunyuan_video"] = spec
+    video = tm.build("demo_hunyuan_video", seed=0)
+    vrun = lambda m: tm.sample(m, "demo_hunyuan_video", steps=args.steps, cfg=1.0, scale=2)  # noqa: E731
+    vrun(video)
+    vref, tv_ref = timed(lambda: vrun(video), args.repeats)
+    vcached = nodes.SpeculativeCache.execute(video, **settings).result[0]
+    vout, tv_cache = timed(lambda: vrun(vcached), args.repeats)
+    report(f"HunyuanVideo (small, random weights; latent {tuple(vref.shape)}):", stats[-1], tv_ref, tv_cache)
+    print(f"  relative difference to uncached latent: {float((vout - vref).norm() / vref.norm()):.4f}")
     return 0
 
 

@@ -24,6 +24,11 @@ class CacheConfig:
     hicache_scale: float = 0.7       # HiCache's sigma (the paper's FLUX script uses 0.7)
     # The SpeCa reference code never computes two steps in a row fully (even in warm-up).
     paper_schedule: bool = False
+    # Predict each forecast's verification error from the last ones (see Policy): compute
+    # a step at once when its forecast is predicted to fail, skip the probe when it is
+    # predicted to pass by a wide margin (error below skip_verify_below x threshold).
+    predict_errors: bool = True
+    skip_verify_below: float = 0.5
     # "stack": forecast the residual of each block stage (small memory). "block": forecast
     # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
     granularity: str = "stack"
@@ -48,7 +53,7 @@ class CacheConfig:
     # (SpeCa's min_taylor_steps - 1); 0 verifies every forecast.
     unverified_forecasts: int = 0
     # At most this many forecasts in a row, then a full step.
-    max_forecast_steps: int = 4
+    max_forecast_steps: int = 8
     # Forecasting is allowed only between these fractions of the schedule.
     start_percent: float = 0.0
     end_percent: float = 1.0

@@ -33,7 +33,7 @@ class Policy:
     allowed while ``start_time >= t > end_time``."""
 
     def __init__(self, config: CacheConfig, total_steps: int,
-                 start_time: float = float("inf"), end_time: float = float("-inf")):
+                 start_time: float = float("inf"), end_time: float = float("-inf"), threshold_at=None):
         self.config = config
         self.total_steps = max(int(total_steps), 1)
         self.start_time = float(start_time)
@@ -41,6 +41,15 @@ class Policy:
         self.forecasts_since_full = 0
         self.force_full_next = False
         self.last_full = False
+        self.threshold_at = threshold_at or (lambda progress: config.threshold)
+        # Error prediction (our extension of SpeCa): the verification error of a forecast
+        # grows with its distance d to the last computed step, roughly as d^g. From the
+        # last verified error of this run of forecasts, the next one is predicted; a step
+        # whose forecast is predicted to fail is computed right away (no wasted probe), and
+        # a forecast predicted to pass with a wide margin skips its probe.
+        self.growth = float(config.order + 1)     # starting guess for g (Taylor order p: p + 1)
+        self.first_error = None                   # running estimate of the error at d = 1
+        self.last_verified = None                 # (d, error) in the current run of forecasts
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -71,12 +80,43 @@ class Policy:
         if self.forecasts_since_full >= c.max_forecast_steps:
             return full("max_forecast")
         verify = self.forecasts_since_full >= c.unverified_forecasts
+        if c.predict_errors and verify:
+            predicted = self.predicted_error(self.forecasts_since_full + 1)
+            tau = self.threshold_at(self.progress(step_index))
+            # Only a prediction from this run of forecasts may refuse one (the error at d = 1
+            # is always measured again, or the cache could never recover from a bad start).
+            if predicted is not None and predicted > tau and self.last_verified is not None:
+                return full("predicted_reject")
+            if predicted is not None and predicted < c.skip_verify_below * tau:
+                return Decision(StepMode.FORECAST, False, "predicted_accept")
         return Decision(StepMode.FORECAST, verify, "speculate")
+
+    def predicted_error(self, distance: int):
+        if self.last_verified is not None:
+            d0, e0 = self.last_verified
+            if d0 == distance - 1 and d0 > 0:
+                return e0 * (distance / d0) ** self.growth
+            return None
+        if distance == 1:
+            return self.first_error
+        return None
+
+    def record_error(self, error: float) -> None:
+        """The verification error of the forecast at distance forecasts_since_full + 1."""
+        d = self.forecasts_since_full + 1
+        if self.last_verified is not None and self.last_verified[0] == d - 1 and error > 0 and self.last_verified[1] > 0:
+            import math
+            g = math.log(error / self.last_verified[1]) / math.log(d / (d - 1))
+            self.growth = 0.5 * self.growth + 0.5 * min(max(g, 0.5), 6.0)
+        if d == 1:
+            self.first_error = error if self.first_error is None else 0.5 * self.first_error + 0.5 * error
+        self.last_verified = (d, error)
 
     def record_full(self) -> None:
         self.forecasts_since_full = 0
         self.force_full_next = False
         self.last_full = True
+        self.last_verified = None
 
     def record_forecast(self) -> None:
         self.forecasts_since_full += 1

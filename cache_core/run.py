@@ -21,9 +21,9 @@ class SpeculativeRun:
                  start_time: float = float("inf"), end_time: float = float("-inf"),
                  mode: str = ""):
         self.config = config
-        self.policy = Policy(config, total_steps, start_time, end_time)
         self.verifier = Verifier(config.metric, config.threshold,
                                  config.threshold_decay, config.threshold_floor)
+        self.policy = Policy(config, total_steps, start_time, end_time, self.verifier.threshold_at)
         self.streams: dict = {}
         self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps),
                               on_reject=config.on_reject)
@@ -166,6 +166,7 @@ class Chunk:
             self.errors.append(err)
             ok = ok and run.verifier.accepts(err, run.progress)
         tau = run.verifier.threshold_at(run.progress)
+        run.policy.record_error(max(self.errors))
         run.stats.verified += 1
         run.stats.errors.append((run.stats.evaluations - 1, run.time, max(self.errors), tau, ok))
         if not ok:

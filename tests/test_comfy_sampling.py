@@ -255,7 +255,7 @@ def test_schema_slider_defaults_and_limits(spec_nodes):
         assert "default" in opts, name
         assert opts.get("tooltip"), name
     methods = required["method"][0] if isinstance(required["method"][0], list) else required["method"][1]["options"]
-    assert set(methods) == {"speca", "taylorseer", "reuse", "hicache", "foca"}
+    assert set(methods) == {"speca", "taylorseer", "reuse", "hicache", "foca", "clusca"}
     presets = required["preset"][0] if isinstance(required["preset"][0], list) else required["preset"][1]["options"]
     assert {"auto", "custom", "paper_flux"} <= set(presets)
     assert required["order"][1]["min"] == 0 and required["max_forecast_steps"][1]["min"] == 1

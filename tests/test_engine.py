@@ -122,7 +122,8 @@ def simulate(core, config, steps, accept=lambda i: True):
             if d.verify:
                 chunk.add_units(1)
                 real = torch.ones(1)
-                ok = chunk.verify(real if accept(i) else real * 1e6, real)
+                err = accept(i) if isinstance(accept(i), float) else (0.0 if accept(i) else 1e6)
+                ok = chunk.verify(real * (1 + err), real)
                 if not ok and config.on_reject == "redo":
                     chunk.add_units(4)
                     chunk.record(feat)
@@ -144,7 +145,8 @@ def simulate(core, config, steps, accept=lambda i: True):
 
 
 def test_policy_warmup_max_and_final(core):
-    cfg = core.CacheConfig(threshold=1.0, warmup_steps=3, max_forecast_steps=4, final_full_steps=2)
+    cfg = core.CacheConfig(threshold=1.0, warmup_steps=3, max_forecast_steps=4, final_full_steps=2,
+                           predict_errors=False)
     modes, stats, _ = simulate(core, cfg, 20)
     # step 17 is full because 4 forecasts ran in a row; 18 and 19 are the final stretch
     assert modes == "CCC" + "FFFFC" + "FFFFC" + "FFFFC" + "CC"
@@ -155,7 +157,8 @@ def test_policy_warmup_max_and_final(core):
 
 
 def test_policy_redo_recomputes_rejected_steps(core):
-    cfg = core.CacheConfig(threshold=0.5, warmup_steps=2, max_forecast_steps=3, final_full_steps=0)
+    cfg = core.CacheConfig(threshold=0.5, warmup_steps=2, max_forecast_steps=3, final_full_steps=0,
+                           predict_errors=False)
     modes, stats, _ = simulate(core, cfg, 10, accept=lambda i: i % 3 != 0)
     # steps 3, 6, 9 rejected and recomputed; a recomputed step restarts the forecast run
     assert modes == "CC" + "F" + "R" + "FF" + "R" + "FF" + "R"
@@ -164,7 +167,7 @@ def test_policy_redo_recomputes_rejected_steps(core):
 
 def test_policy_next_mode_keeps_forecast_and_computes_next(core):
     cfg = core.CacheConfig(threshold=0.5, warmup_steps=2, max_forecast_steps=8, final_full_steps=0,
-                           on_reject="next")
+                           on_reject="next", predict_errors=False)
     modes, stats, _ = simulate(core, cfg, 10, accept=lambda i: i != 4)
     assert modes == "CC" + "FFR" + "C" + "FFFF"
     assert stats.forecast == 7 and stats.computed == 3 and stats.rejected == 1
@@ -394,3 +397,26 @@ def test_gamma_zero_leaves_non_representatives_untouched(core):
     member = (~touched[0]).nonzero()[0, 0]
     expected = 0.5 * fresh[0, labels[0, member]] + 0.5 * anchor[0, member]
     assert torch.allclose(half[0, member], expected)
+
+
+def test_error_prediction_refuses_doomed_forecasts_and_skips_safe_probes(core):
+    """Verification errors 0.1 at d = 1 and 0.4 at d = 2 grow like d^2, so d = 3 is
+    predicted at 0.4 * (3/2)^2 = 0.9 > threshold 0.5: computed at once, no wasted probe.
+    The next run's first forecast (predicted 0.1 < 0.5 * 0.5) skips its probe."""
+    cfg = core.CacheConfig(threshold=0.5, warmup_steps=1, max_forecast_steps=8, final_full_steps=0,
+                           order=1, skip_verify_below=0.5)
+    pol = core.Policy(cfg, 20)
+    pol.record_full()
+    d1 = pol.decide(2, 0.5)                 # d = 1, nothing known: probe
+    assert d1.forecast and d1.verify
+    pol.record_error(0.1)
+    pol.record_forecast()
+    d2 = pol.decide(3, 0.4)                 # predicted 0.1 * 2^2 = 0.4: not safe enough to skip
+    assert d2.forecast and d2.verify
+    pol.record_error(0.4)
+    pol.record_forecast()
+    d3 = pol.decide(4, 0.3)
+    assert not d3.forecast and d3.reason == "predicted_reject"
+    pol.record_full()
+    d1b = pol.decide(5, 0.2)
+    assert d1b.forecast and not d1b.verify and d1b.reason == "predicted_accept"

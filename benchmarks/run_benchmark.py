@@ -1,0 +1,414 @@
+"""Side-by-side benchmark: every method on the same model, conditions and seeds, in one
+process, against the uncached run.
+
+    .venv/bin/python -m benchmarks.run_benchmark            # full run on the reference model
+    .venv/bin/python -m benchmarks.run_benchmark --quick    # smoke test (< 3 min on 2 cores)
+    .venv/bin/python -m benchmarks.run_benchmark --recipe my_flux.json   # any ComfyUI model (GPU)
+
+Per row: compute fraction (multiply-accumulates counted in the transformer, verification
+included, over the uncached run), wall-clock speedup (same process), PSNR and SSIM of the
+final images against the uncached ones, peak cache memory, verification overhead.
+Writes benchmarks/results/<name>.json, .md and .png."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import comfy_env
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Method:
+    method: str
+    settings: dict
+    apply: object  # model -> patched model
+
+
+@dataclass
+class Workload:
+    name: str
+    model: object                     # ModelPatcher
+    samples: list                     # [(positive, negative, seed)]
+    latent_shape: tuple
+    steps: int = 28
+    cfg: float = 2.0
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    decode: object = None             # samples -> images in [0, 1] (None: latent space)
+    info: dict = field(default_factory=dict)
+
+
+# ---- methods --------------------------------------------------------------------------
+def method_grid(quick: bool, plan) -> list[Method]:
+    nodes = comfy_env.pack_nodes()
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from .baselines import apply_fbcache
+
+    def ours(**kw):
+        return lambda m: nodes.SpeculativeCache.execute(m, **kw).result[0]
+
+    def easy(cls, th):
+        return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
+                                     verbose=False).result[0]
+
+    grid = [Method("none", {}, lambda m: m)]
+    intervals = [3, 5] if quick else [2, 3, 4, 5, 6]
+    for n in intervals:   # FORA: reuse at a fixed interval n (n-1 reused steps per computed one)
+        grid.append(Method("reuse", {"interval": n}, ours(preset="custom", method="reuse", max_forecast_steps=n - 1,
+                                                           warmup_steps=3, final_full_steps=0)))
+    if plan is not None:
+        for th in ([0.1, 0.3] if quick else [0.03, 0.05, 0.1, 0.2, 0.3, 0.5]):
+            grid.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
+    for th in ([0.2, 0.5] if quick else [0.05, 0.1, 0.2, 0.3, 0.5, 0.8]):
+        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
+        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    for order in ([1] if quick else [1, 2]):
+        for n in intervals:
+            grid.append(Method("taylorseer", {"interval": n, "order": order},
+                               ours(preset="custom", method="taylorseer", order=order, max_forecast_steps=n - 1,
+                                    warmup_steps=3, final_full_steps=0)))
+    if not quick:
+        for n in intervals:
+            grid.append(Method("hicache", {"interval": n, "order": 2, "scale": 0.7},
+                               ours(preset="custom", method="hicache", order=2, max_forecast_steps=n - 1,
+                                    warmup_steps=3, final_full_steps=0)))
+            grid.append(Method("foca", {"interval": n},
+                               ours(preset="custom", method="foca", max_forecast_steps=n - 1, warmup_steps=3,
+                                    final_full_steps=0)))
+            grid.append(Method("clusca", {"interval": n, "order": 1, "clusters": 16, "gamma": 0.005},
+                               ours(preset="custom", method="clusca", order=1, max_forecast_steps=n - 1,
+                                    warmup_steps=3, final_full_steps=0, clusters=16, gamma=0.005)))
+    speca = [(0.1, 8), (0.3, 8)] if quick else [
+        (th, mf) for mf in (4, 8) for th in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)]
+    for th, mf in speca:
+        grid.append(Method("speca", {"threshold": th, "max_forecast_steps": mf},
+                           ours(preset="custom", threshold=th, max_forecast_steps=mf)))
+    if not quick:   # towards 4x less compute: longer runs, fewer fixed full steps
+        for th in (0.3, 0.5, 1.0):
+            grid.append(Method("speca", {"threshold": th, "max_forecast_steps": 12, "order": 1,
+                                         "warmup_steps": 2, "final_full_steps": 0},
+                               ours(preset="custom", threshold=th, max_forecast_steps=12, order=1, warmup_steps=2,
+                                    final_full_steps=0)))
+    if not quick:
+        for th in (0.05, 0.1, 0.2, 0.3):
+            grid.append(Method("speca", {"threshold": th, "max_forecast_steps": 8, "granularity": "block"},
+                               ours(preset="custom", threshold=th, max_forecast_steps=8, granularity="block")))
+        for fc in ("hicache", "foca"):
+            for th in (0.1, 0.2, 0.3):
+                grid.append(Method("speca", {"threshold": th, "max_forecast_steps": 8, "forecaster": fc},
+                                   ours(preset="custom", threshold=th, max_forecast_steps=8, forecaster=fc)))
+        for th in (3.0, 7.0, 15.0):
+            grid.append(Method("speca", {"preset": "paper_flux", "threshold": th},
+                               ours(preset="paper_flux", threshold=th)))
+    return grid
+
+
+# ---- measurement --------------------------------------------------------------------
+class Probe:
+    """Per-run measurements that are not the pack's own stats: MACs counted by hooks,
+    cache bytes of any holder found in transformer_options, our stats, timing."""
+
+    def __init__(self, workload: Workload):
+        dm = workload.model.model.diffusion_model
+        self.dm = dm
+        self.blocks = [b for name in ("double_blocks", "single_blocks", "blocks", "transformer_blocks",
+                                      "joint_blocks", "layers") for b in (getattr(dm, name, None) or [])]
+        self.macs = None
+        hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+        self.our_stats = []
+        hooks.STATS_LISTENERS.append(lambda nid, s, final: final and self.our_stats.append(s))
+        self.holder_bytes = 0
+
+    def calc_cond_batch_probe(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        to = args[-1].get("transformer_options", {})
+        for key in ("easycache",):
+            holder = to.get(key)
+            if holder is not None:
+                self.holder_bytes = max(self.holder_bytes, _tensor_bytes(vars(holder)))
+        return out
+
+
+def _tensor_bytes(obj, depth=0) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if depth > 2:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, depth + 1) for v in obj)
+    return 0
+
+
+def _sample_one(workload, patched, positive, negative, seed):
+    import comfy.sample
+    latent = comfy.sample.fix_empty_latent_channels(patched, torch.zeros(workload.latent_shape))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patched, noise, workload.steps, workload.cfg, workload.sampler,
+                               workload.scheduler, positive, negative, latent, disable_pbar=True, seed=seed)
+
+
+def time_against_base(workload: Workload, method: Method, samples: int, repeats: int) -> tuple[float, float]:
+    """Wall clock of the method and of the uncached model on the same samples, measured
+    alternately (base, method, base, method, ...) with no counting hooks; the best of
+    ``repeats`` for each (the least disturbed run)."""
+    patched = method.apply(workload.model)
+    subset = workload.samples[:samples]
+    best = {"base": float("inf"), "method": float("inf")}
+    for _ in range(repeats):
+        for name, model in (("base", workload.model), ("method", patched)):
+            t = time.perf_counter()
+            for positive, negative, seed in subset:
+                _sample_one(workload, model, positive, negative, seed)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best["base"], best["method"]
+
+
+def run_method(workload: Workload, method: Method, probe: Probe, images_ref=None):
+    import comfy.patcher_extension as pe
+    from .baselines import fbcache_outer_sample
+    from .metrics import MacCounter, psnr, ssim
+
+    probe.macs = MacCounter(probe.dm, probe.blocks)
+    patched = method.apply(workload.model).clone()
+    patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "bench_probe", probe.calc_cond_batch_probe)
+    outputs, seconds, macs, verified, cache_bytes = [], 0.0, 0, 0, 0
+    last_block_macs = 0
+    for positive, negative, seed in workload.samples:
+        probe.macs.total, probe.macs.by_block = 0, {}
+        probe.holder_bytes = 0
+        n_stats = len(probe.our_stats)
+        fbcache_outer_sample.last = None
+        t = time.perf_counter()
+        out = _sample_one(workload, patched, positive, negative, seed)
+        seconds += time.perf_counter() - t
+        macs += probe.macs.total
+        if probe.blocks:
+            last_block_macs = probe.macs.by_block.get(len(probe.blocks) - 1, 0)
+        outputs.append(out)
+        if len(probe.our_stats) > n_stats:
+            s = probe.our_stats[-1]
+            verified += s["verified"]
+            cache_bytes = max(cache_bytes, s["cache_bytes"])
+        if fbcache_outer_sample.last:
+            cache_bytes = max(cache_bytes, fbcache_outer_sample.last["cache_bytes"])
+        cache_bytes = max(cache_bytes, probe.holder_bytes)
+    probe.macs.close()
+    images = [workload.decode(o) if workload.decode else o for o in outputs]
+    row = {"method": method.method, "settings": method.settings, "seconds": seconds, "macs": macs,
+           "cache_bytes": cache_bytes, "verified": verified, "last_block_macs_per_run": last_block_macs}
+    if images_ref is not None:
+        peak = 1.0 if workload.decode else max(float(r.abs().max()) for r in images_ref) * 2
+        row["psnr_db"] = sum(min(psnr(a, b, peak), 100.0) for a, b in zip(images, images_ref)) / len(images)
+        row["ssim"] = sum(ssim(a, b, peak) for a, b in zip(images, images_ref)) / len(images)
+    return row, images
+
+
+FLUX_BLOCKS = 57   # FLUX.1: 19 double + 38 single blocks
+
+
+def benchmark(workload: Workload, quick: bool, plan, log=print, timing_samples: int = 3,
+              timing_repeats: int = 3) -> dict:
+    probe = Probe(workload)
+    grid = method_grid(quick, plan)
+    # warm-up (allocator, lazy init) so the first timed row is not penalised
+    run_method(Workload(**{**workload.__dict__, "samples": workload.samples[:1]}), grid[0], probe)
+    base, images_ref = run_method(workload, grid[0], probe)
+    rows = []
+    n_samples = len(workload.samples)
+    for method in grid:
+        row, _ = run_method(workload, method, probe, images_ref)
+        row["compute_fraction"] = row["macs"] / base["macs"]
+        t_base, t_method = time_against_base(workload, method, timing_samples, timing_repeats)
+        row["speedup"] = t_base / t_method
+        row["seconds_per_sample"] = t_method / min(timing_samples, n_samples)
+        # One verification = one call of the last block; in the uncached run that block runs
+        # once per step, so its MACs per call are counted there.
+        full_step = base["macs"] / (n_samples * workload.steps)
+        per_verification = base["last_block_macs_per_run"] / workload.steps
+        row["verify_fraction"] = row["verified"] * per_verification / base["macs"]
+        row["verify_cost_per_step"] = per_verification / full_step if row["verified"] else 0.0
+        # The same run if a probe cost what one block costs in FLUX.1 (1/57 of the blocks)
+        # instead of one of this model's few blocks: a projection, labelled as such.
+        n_blocks = max(len(probe.blocks), 1)
+        row["compute_fraction_at_flux_depth"] = (row["compute_fraction"] - row["verify_fraction"]
+                                                 + row["verify_fraction"] * n_blocks / FLUX_BLOCKS)
+        for k in ("macs", "last_block_macs_per_run", "seconds"):
+            row.pop(k)
+        rows.append(row)
+        log(f"{row['method']:>10} {json.dumps(row['settings']):<60} compute {row['compute_fraction']:.3f}  "
+            f"speedup {row['speedup']:.2f}x  PSNR {row['psnr_db']:.2f} dB  SSIM {row['ssim']:.4f}  "
+            f"cache {row['cache_bytes'] / 2**20:.2f} MiB")
+    return {"model": workload.name, "steps": workload.steps, "samples": n_samples, "cfg": workload.cfg,
+            "sampler": workload.sampler, "scheduler": workload.scheduler, "info": workload.info, "rows": rows}
+
+
+# ---- workloads ------------------------------------------------------------------------
+def reference_workload(n_samples: int, steps: int, cfg: float) -> Workload:
+    from . import reference_model as rm
+    model = rm.load_reference()
+    samples = []
+    for i in range(n_samples):
+        label = i % len(rm.CLASSES)
+        samples.append((rm.conditioning(label), rm.conditioning(rm.NULL_CLASS), 1000 + i))
+    return Workload("reference_flux_tiny", model, samples, (1, 16, 32, 32), steps=steps, cfg=cfg,
+                    decode=lambda s: rm.decode(s),
+                    info={"weights": str(rm.WEIGHTS.relative_to(comfy_env.PACK_ROOT)),
+                          "classes": rm.CLASSES, "unet_config": rm.UNET_CONFIG})
+
+
+def recipe_workload(path: Path) -> Workload:
+    """A ComfyUI diffusion-model file plus a conditioning recipe (JSON), e.g. real FLUX:
+    {"model": "flux1-dev.safetensors", "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+     "clip_type": "flux", "prompts": ["a red fox ..."], "negative": "", "guidance": 3.5,
+     "latent": [1, 16, 128, 128], "seeds": [0, 1], "steps": 28, "cfg": 1.0, "vae": "ae.safetensors"}
+    Optional "unet_config" (+ "model_config": "Flux") for models ComfyUI cannot auto-detect."""
+    import comfy.sd
+    import comfy.utils
+    recipe = json.loads(Path(path).read_text())
+    base = Path(path).parent
+    resolve = lambda p: str(Path(p) if Path(p).is_absolute() else base / p)  # noqa: E731
+    if recipe.get("unet_config"):
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.supported_models as sm
+        cfg = getattr(sm, recipe.get("model_config", "Flux"))(dict(recipe["unet_config"]))
+        cfg.set_inference_dtype(torch.float32 if not torch.cuda.is_available() else torch.bfloat16, None)
+        bm = cfg.get_model({}, device=torch.device("cpu"))
+        bm.diffusion_model.load_state_dict(comfy.utils.load_torch_file(resolve(recipe["model"])), strict=True)
+        model = comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(),
+                                                 offload_device=mm.unet_offload_device())
+    else:
+        model = comfy.sd.load_diffusion_model(resolve(recipe["model"]))
+    samples = []
+    seeds = recipe.get("seeds", [0])
+    cond = recipe.get("conditioning", "text")
+    if cond == "reference_classes":
+        from . import reference_model as rm
+        for i, seed in enumerate(seeds):
+            samples.append((rm.conditioning(i % len(rm.CLASSES)), rm.conditioning(rm.NULL_CLASS), seed))
+    else:
+        clip = comfy.sd.load_clip([resolve(p) for p in recipe["text_encoders"]],
+                                  clip_type=getattr(comfy.sd.CLIPType, recipe.get("clip_type", "flux").upper()))
+
+        def encode(text):
+            tokens = clip.tokenize(text)
+            c = clip.encode_from_tokens_scheduled(tokens)
+            if recipe.get("guidance") is not None:
+                c = [[t, {**d, "guidance": recipe["guidance"]}] for t, d in c]
+            return c
+        negative = encode(recipe.get("negative", ""))
+        for prompt in recipe["prompts"]:
+            for seed in seeds:
+                samples.append((encode(prompt), negative, seed))
+    decode = None
+    if recipe.get("vae"):
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(resolve(recipe["vae"])))
+        decode = lambda s: vae.decode(s).movedim(-1, 1).float()  # noqa: E731
+    return Workload(Path(path).stem, model, samples, tuple(recipe["latent"]), steps=recipe.get("steps", 28),
+                    cfg=recipe.get("cfg", 1.0), sampler=recipe.get("sampler", "euler"),
+                    scheduler=recipe.get("scheduler", "simple"), decode=decode, info={"recipe": recipe})
+
+
+def block_plan(model):
+    comfy_env.pack_nodes()
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    found = adapters.stack_plan_for(model.get_model_object("diffusion_model"))
+    return None if found is None else found[1].blocks
+
+
+# ---- reports ---------------------------------------------------------------------------
+def pareto(rows):
+    """Rows not dominated in (compute_fraction lower, psnr higher)."""
+    out = []
+    for r in rows:
+        dominated = any(o is not r and o["compute_fraction"] <= r["compute_fraction"] and o["psnr_db"] >= r["psnr_db"]
+                        and (o["compute_fraction"] < r["compute_fraction"] or o["psnr_db"] > r["psnr_db"])
+                        for o in rows)
+        if not dominated:
+            out.append(r)
+    return out
+
+
+def markdown(result) -> str:
+    lines = [f"Model `{result['model']}`, {result['samples']} samples, {result['steps']} steps, "
+             f"{result['sampler']}/{result['scheduler']}, cfg {result['cfg']}.", "",
+             "| method | settings | compute fraction | at FLUX depth* | speedup (wall) | PSNR dB | SSIM | cache MiB | verify fraction |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    front = {id(r) for r in pareto(result["rows"])}
+    for r in sorted(result["rows"], key=lambda r: (r["method"], -r["compute_fraction"])):
+        s = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "note") or "-"
+        mark = " **(Pareto)**" if id(r) in front and r["method"] != "none" else ""
+        lines.append(f"| {r['method']}{mark} | {s} | {r['compute_fraction']:.3f} | "
+                     f"{r['compute_fraction_at_flux_depth']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['cache_bytes'] / 2**20:.2f} | {r['verify_fraction']:.4f} |")
+    lines += ["", "*compute fraction if each verification probe cost one of FLUX.1's 57 blocks instead of one "
+              "of this model's blocks (a projection; equal to the measured value for methods without probes). "
+              "Pareto: no other row has both less compute and a higher PSNR."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    methods = sorted({r["method"] for r in result["rows"] if r["method"] != "none"})
+    for m in methods:
+        pts = sorted((r["speedup"], min(r["psnr_db"], 60)) for r in result["rows"] if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                linewidth=2.5 if m == "speca" else 1.2)
+    ax.set_xlabel("wall-clock speedup vs uncached (x)")
+    ax.set_ylabel("PSNR vs uncached output (dB, capped at 60)")
+    ax.set_title(f"{result['model']}: {result['samples']} samples, {result['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Speculative Cache benchmark")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 4 samples, few settings")
+    ap.add_argument("--recipe", help="JSON recipe for another ComfyUI model (see recipe_workload)")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--out", default=None, help="output name (default: reference or the recipe's name)")
+    args = ap.parse_args(argv)
+
+    if comfy_env.find_comfyui() is None:
+        print("ComfyUI not found: set COMFYUI_PATH (see README).")
+        return 1
+    comfy_env.setup_comfyui()
+    torch.manual_seed(0)
+    if args.recipe:
+        workload = recipe_workload(Path(args.recipe))
+    else:
+        n = 4 if args.quick else args.samples
+        workload = reference_workload(n, args.steps, args.cfg)
+    name = args.out or (workload.name if args.recipe else ("reference_quick" if args.quick else "reference"))
+    print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}")
+    result = benchmark(workload, args.quick, block_plan(workload.model))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json/.md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

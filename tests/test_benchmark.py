@@ -1,0 +1,125 @@
+"""The benchmark's own tools: metrics against known values, the MAC counter against a
+hand-counted block, the reference model (ComfyUI's FLUX class, trained weights), the
+training forward against ComfyUI's forward, and the quick benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import comfy_env
+from benchmarks.metrics import psnr, ssim
+
+
+def test_psnr_known_values():
+    a = torch.zeros(4, 4)
+    b = torch.full((4, 4), 0.1)
+    assert psnr(a, b) == pytest.approx(20.0)          # mse 0.01 -> 20 dB
+    assert psnr(b, b) == float("inf")
+    assert psnr(a, b, peak=2.0) == pytest.approx(20.0 + 20 * math.log10(2))
+
+
+def test_ssim_matches_the_reference_implementation():
+    skm = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(64, 64, generator=g)
+    b = (a + 0.1 * torch.randn(64, 64, generator=g)).clamp(0, 1)
+    expected = skm.structural_similarity(a.numpy(), b.numpy(), data_range=1.0, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=True)
+    assert ssim(a, b) == pytest.approx(expected, abs=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, 1 - a) < 0
+
+
+@pytest.mark.comfy
+def test_mac_counter_against_a_hand_counted_block(spec_nodes):
+    import comfy.ops
+    from comfy.ldm.flux.layers import SingleStreamBlock
+    from comfy.ldm.flux.layers import EmbedND
+    from benchmarks.metrics import MacCounter
+    h, heads, L, B = 32, 2, 10, 3
+    blk = SingleStreamBlock(h, heads, mlp_ratio=4.0, operations=comfy.ops.disable_weight_init)
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(B, L, h)
+    vec = torch.randn(B, h)
+    ids = torch.zeros(B, L, 3)
+    ids[..., 1] = torch.arange(L)
+    pe = EmbedND(dim=h // heads, theta=10000, axes_dim=[4, 6, 6])(ids)
+    counter = MacCounter(blk, [blk])
+    with torch.no_grad():
+        blk(x, vec=vec, pe=pe)
+    counter.close()
+    m = 4 * h
+    hand = (B * h * 3 * h                 # modulation: vec -> shift, scale, gate
+            + B * L * h * (3 * h + m)     # linear1: qkv and mlp in
+            + B * L * (h + m) * h         # linear2: proj and mlp out
+            + 2 * B * L * L * h)          # attention: q k^T and attn v over all heads
+    assert counter.total == hand
+
+
+@pytest.mark.comfy
+def test_training_forward_matches_comfyui_forward(spec_nodes):
+    from benchmarks import reference_model as rm
+    patcher = rm.load_reference()
+    dm = patcher.model.diffusion_model
+    ctx, pooled = rm.class_embeddings()
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        ours = rm.train_forward(dm, x, t, ctx[:2], pooled[:2])
+        comfy = dm(x, t, ctx[:2], y=pooled[:2], transformer_options={})
+    assert torch.allclose(ours, comfy, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.comfy
+def test_reference_model_loads_through_comfy_flux_config(spec_nodes):
+    import comfy.model_base
+    import comfy.supported_models
+    from benchmarks import reference_model as rm
+    patcher = rm.load_reference()
+    assert isinstance(patcher.model, comfy.model_base.Flux)
+    assert isinstance(patcher.model.model_config, comfy.supported_models.Flux)
+    cfg = rm.read_config()
+    assert cfg["unet_config"] == rm.UNET_CONFIG
+    n_tokens = (32 // 2) ** 2
+    assert n_tokens >= 256
+    blocks = len(patcher.model.diffusion_model.double_blocks) + len(patcher.model.diffusion_model.single_blocks)
+    assert blocks >= 6
+    assert rm.WEIGHTS.stat().st_size <= 20 * 2**20
+
+
+def _descriptor(img):
+    """Image statistics that tell the photographs apart: brightness, contrast, edge energy
+    along each axis, low-frequency power share, shadow and highlight fractions."""
+    x = img[:, 0].double()
+    gx = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2))
+    gy = (x[:, 1:, :] - x[:, :-1, :]).abs().mean((1, 2))
+    f = torch.fft.rfft2(x - x.mean((1, 2), keepdim=True)).abs() ** 2
+    low = f[:, :8, :8].sum((1, 2)) / f.sum((1, 2))
+    return torch.stack([x.mean((1, 2)), x.std((1, 2)), gx, gy, low,
+                        (x < 0.2).double().mean((1, 2)), (x > 0.8).double().mean((1, 2))], 1)
+
+
+@pytest.mark.comfy
+def test_reference_model_samples_look_like_their_training_class(spec_nodes):
+    """Sampled through ComfyUI's real sampler, each sample's statistics are nearest to the
+    real crops of its own class far more often than chance (1/8)."""
+    skimage = pytest.importorskip("skimage")  # the training photographs ship with scikit-image
+    del skimage
+    from benchmarks import reference_model as rm
+    photos = rm.load_photos()
+    g = torch.Generator().manual_seed(5)
+    k = len(rm.CLASSES)
+    real = torch.cat([_descriptor(rm.random_crops(photos, torch.full((32,), c), g)) for c in range(k)])
+    mu, sd = real.mean(0), real.std(0)
+    centroids = ((real - mu) / sd).reshape(k, 32, -1).mean(1)
+    labels = [c for c in range(k) for _ in range(2)]
+    images = rm.sample(rm.load_reference(), labels, [900 + i for i in range(len(labels))])
+    assert images.shape == (16, 1, 128, 128) and images.min() >= 0 and images.max() <= 1
+    nearest = torch.cdist((_descriptor(images) - mu) / sd, centroids).argmin(1)
+    accuracy = (nearest == torch.tensor(labels)).double().mean().item()
+    assert accuracy >= 0.6, (nearest.tolist(), labels)
