@@ -250,7 +250,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
             warn_once("Speculative Cache: this model has no DIFFUSION_MODEL hook; forecasting "
                       "the model output at the APPLY_MODEL level.")
             ctx.stack_ok = False
-            _record_output(ctx, args, to, out, "apply_out")
+            _record_output(ctx, to, out, "apply_out")
         return out
     return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
 
@@ -262,7 +262,7 @@ def _stream_keys(to, batch):
     return uuids
 
 
-def _record_output(ctx, args, to, out, name):
+def _record_output(ctx, to, out, name):
     chunk = ctx.run.chunk(_stream_keys(to, out.shape[0]), out.shape[0], 1.0)
     chunk.add_units(1.0)
     chunk.record({name: out})
@@ -278,10 +278,11 @@ def _output_forward(ctx, executor, args, kwargs, to, name):
     decision = ctx.run.decision
     if decision.forecast and chunk.can_forecast((name,)):
         pred = chunk.predict(name)
-        if pred.shape[0] == x.shape[0] and bool(torch.isfinite(pred).all()):
+        finite = bool(torch.isfinite(pred).all())
+        if finite and pred.shape[0] == x.shape[0]:
             chunk.finish(FORECAST)
             return pred
-        ctx.run.stats.nonfinite += int(not bool(torch.isfinite(pred).all()))
+        ctx.run.stats.nonfinite += int(not finite)
     out = executor(*args, **kwargs)
     chunk.add_units(1.0)
     chunk.record({name: out})

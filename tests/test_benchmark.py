@@ -123,3 +123,34 @@ def test_reference_model_samples_look_like_their_training_class(spec_nodes):
     nearest = torch.cdist((_descriptor(images) - mu) / sd, centroids).argmin(1)
     accuracy = (nearest == torch.tensor(labels)).double().mean().item()
     assert accuracy >= 0.6, (nearest.tolist(), labels)
+
+
+@pytest.mark.comfy
+def test_quick_benchmark_end_to_end(spec_nodes, tmp_path):
+    """The harness's quick mode (the CI smoke test): every method on the reference model,
+    measured, reported as JSON, Markdown and a plot."""
+    from benchmarks import run_benchmark as rb
+    workload = rb.reference_workload(4, 28, 2.0)
+    result = rb.benchmark(workload, True, rb.block_plan(workload.model), log=lambda *a: None,
+                          timing_samples=1, timing_repeats=1)
+    rows = result["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"none", "reuse", "fbcache", "easycache", "lazycache", "taylorseer", "speca"}
+    none = next(r for r in rows if r["method"] == "none")
+    assert none["compute_fraction"] == pytest.approx(1.0) and none["psnr_db"] == 100.0 and none["ssim"] == 1.0
+    for r in rows:
+        for key in ("method", "settings", "compute_fraction", "speedup", "psnr_db", "ssim", "cache_bytes",
+                    "verify_fraction"):
+            assert key in r, key
+        if r["method"] != "none":
+            assert r["compute_fraction"] < 1.0 and r["psnr_db"] < 100.0, r
+            assert r["speedup"] > 0
+        if r["method"] == "speca":
+            assert r["verify_fraction"] > 0 and r["cache_bytes"] > 0
+        if r["method"] in ("reuse", "taylorseer"):
+            assert r["verify_fraction"] == 0
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    md = rb.markdown(result)
+    assert md.count("\n| ") == len(rows) + 1
+    rb.plot(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 10_000
