@@ -154,3 +154,24 @@ def test_quick_benchmark_end_to_end(spec_nodes, tmp_path):
     assert md.count("\n| ") == len(rows) + 1
     rb.plot(result, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+@pytest.mark.comfy
+def test_recipe_loads_any_comfy_model_file(spec_nodes, tmp_path):
+    """The harness's "any model" path: a diffusion-model file plus a recipe. Here the
+    reference weights with an explicit unet_config (ComfyUI cannot auto-detect a small
+    FLUX) and class-label conditioning; real FLUX uses text encoders instead."""
+    from benchmarks import reference_model as rm
+    from benchmarks import run_benchmark as rb
+    recipe = {"model": str(rm.WEIGHTS), "unet_config": rm.UNET_CONFIG, "model_config": "Flux",
+              "conditioning": "reference_classes", "seeds": [1, 2], "latent": [1, 16, 32, 32],
+              "steps": 6, "cfg": 2.0}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(recipe))
+    workload = rb.recipe_workload(path)
+    assert workload.steps == 6 and len(workload.samples) == 2 and workload.decode is None
+    ref_sd = rm.load_reference().model.diffusion_model.state_dict()
+    for k, v in workload.model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, ref_sd[k])
+    row, images = rb.run_method(workload, rb.Method("none", {}, lambda m: m), rb.Probe(workload))
+    assert len(images) == 2 and images[0].shape == (1, 16, 32, 32) and row["macs"] > 0
