@@ -53,6 +53,21 @@ def capture(block, names: dict):
             h.remove()
 
 
+def checked_prediction(call, feature: str, like: torch.Tensor):
+    """The forecast of ``feature`` for this call's chunk, in ``like``'s dtype; None (and
+    ``call.failed`` set, so the step is computed) when its shape no longer fits or it is
+    not finite."""
+    pred = call.chunk.predict(feature)
+    if pred.shape != like.shape:
+        call.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(like.shape)}"
+        return None
+    if not bool(torch.isfinite(pred).all()):
+        call.failed = "non-finite forecast"
+        call.ctx.run.stats.nonfinite += 1
+        return None
+    return pred.to(like.dtype)
+
+
 def _gate(tensor, gate, dims):
     from comfy.ldm.flux.layers import apply_mod
     return apply_mod(tensor, gate, None, dims)
@@ -112,15 +127,7 @@ class BlockwiseCall:
 
     # ---- forecast ------------------------------------------------------------------
     def _pred(self, key, name, like):
-        pred = self.chunk.predict(self.feature(key, name))
-        if pred.shape != like.shape:
-            self.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(like.shape)}"
-            return None
-        if not bool(torch.isfinite(pred).all()):
-            self.failed = "non-finite forecast"
-            self.ctx.run.stats.nonfinite += 1
-            return None
-        return pred.to(like.dtype)
+        return checked_prediction(self, self.feature(key, name), like)
 
     def _forecast_block(self, key, args, run_block):
         passthrough = {t: args[t] for t in ("img", "txt") if t in args}

@@ -369,15 +369,9 @@ class BlockCall:
     def _predicted(self, stage, args):
         preds = {}
         for t in stage.tensors:
-            pred = self.chunk.predict(stage.feature(t))
-            if pred.shape != args[t].shape:
-                self.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(args[t].shape)}"
+            preds[t] = blockwise.checked_prediction(self, stage.feature(t), args[t])
+            if preds[t] is None:
                 return None
-            if not bool(torch.isfinite(pred).all()):
-                self.failed = "non-finite forecast"
-                self.ctx.run.stats.nonfinite += 1
-                return None
-            preds[t] = pred.to(args[t].dtype)
         return preds
 
     def _forecast_block(self, loc, args, run_block):
