@@ -63,6 +63,11 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        # Buffers a checkpoint would fill (e.g. SD3's pos_embed) are created empty: give them
+        # values too, or they hold whatever was in memory.
+        for b in model.diffusion_model.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=g) * 0.02)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())

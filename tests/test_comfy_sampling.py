@@ -205,6 +205,7 @@ def test_nonfinite_forecast_falls_back_to_full_step(spec_nodes, models, stats_lo
 def test_other_models_fall_back_to_output_level(spec_nodes, models, stats_log, name, caplog):
     m = models[name]
     ref = tm.sample(m, name, steps=12)
+    assert torch.isfinite(ref).all()
     assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0), name, steps=12), ref)
     out = tm.sample(cached(spec_nodes, m, threshold=5.0), name, steps=12)
     s = stats_log[-1]
