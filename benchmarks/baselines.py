@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import comfy.model_patcher
 import comfy.patcher_extension as pe
-import torch
 
 KEY = "bench_fbcache"
 
@@ -118,4 +117,4 @@ def apply_fbcache(model, threshold: float, plan):
     return m
 
 
-__all__ = ["apply_fbcache", "fbcache_outer_sample", "torch"]
+__all__ = ["apply_fbcache", "fbcache_outer_sample"]

@@ -52,7 +52,6 @@ def main(argv=None) -> int:
         print("ComfyUI not found: set COMFYUI_PATH (see README). Nothing to demo.")
         return 1
     comfy_env.setup_comfyui()
-    import torch
     from . import reference_model as rm
     from . import tiny_models as tm
     from .metrics import psnr

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from benchmarks import comfy_env
 from benchmarks.metrics import psnr, ssim
 
 

@@ -4,7 +4,6 @@ real ComfyUI server with this pack. Saves a screenshot to test-artifacts/."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.comfy
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
 STEPS = 12
-SC_WIDGET_ORDER = None
+
 
 
 def _playwright():
