@@ -3,7 +3,7 @@ ComfyUI may copy it as often as it likes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
@@ -125,6 +125,3 @@ class CacheConfig:
     def enabled(self) -> bool:
         """Whether any step may be forecast. A zero threshold turns SpeCa off."""
         return not (self.method == "speca" and self.threshold <= 0.0)
-
-    def with_(self, **changes) -> "CacheConfig":
-        return replace(self, **changes)

@@ -11,7 +11,7 @@ import torch
 from .config import CacheConfig
 from .forecasters import make_forecaster
 from .policy import Decision, Policy, StepMode
-from .state import StreamCache, tensor_signature
+from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
 from .verifier import Verifier
 
@@ -37,7 +37,7 @@ class SpeculativeRun:
     def begin_evaluation(self, sigma: float, step_index: int | None = None) -> Decision:
         """``sigma``: the sampler's noise level of this evaluation (decides the window);
         the forecast coordinate ``time`` is sigma, or the step index on the step axis."""
-        self._end_evaluation()
+        self.end_evaluation()
         if step_index is not None:
             self.step_index = int(step_index)
         self.sigma = float(sigma)
@@ -61,9 +61,6 @@ class SpeculativeRun:
 
     def end_evaluation(self) -> None:
         """Book the current evaluation (also done by the next ``begin_evaluation``)."""
-        self._end_evaluation()
-
-    def _end_evaluation(self) -> None:
         outcome, self._eval_outcome = self._eval_outcome, None
         if outcome is None:
             return
@@ -101,8 +98,7 @@ class SpeculativeRun:
     def close(self) -> RunStats:
         """Finish the stats and drop every cached tensor. Safe to call twice."""
         if not self.closed:
-            self._end_evaluation()
-            self.stats.cache_bytes = self.cache_bytes()
+            self.end_evaluation()
             for s in self.streams.values():
                 s.reset()
             self.streams.clear()
@@ -135,19 +131,14 @@ class Chunk:
     def streams(self):
         return [self.run.stream(k) for k in self.keys]
 
-    def can_forecast(self, names, like: dict[str, torch.Tensor] | None = None) -> bool:
-        """Every stream has a history for ``names`` (with per-stream shapes matching
-        ``like``, a dict of full-chunk tensors, when given)."""
-        sigs = None
-        if like is not None:
-            sigs = {n: tensor_signature(self.split(t)[0]) for n, t in like.items()}
-        return all(s.can_predict(names, sigs) for s in self.streams())
+    def can_forecast(self, names) -> bool:
+        """Every stream has a history for ``names``."""
+        return all(s.can_predict(names) for s in self.streams())
 
     def predict(self, name: str) -> torch.Tensor:
         t = self.run.time
         parts = [s.predict(t, (name,))[name] for s in self.streams()]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return out
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def record(self, features: dict[str, torch.Tensor]) -> None:
         """Store full-chunk features computed at this evaluation's time."""

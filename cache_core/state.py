@@ -35,9 +35,6 @@ class StreamCache:
         self.signatures.clear()
         self.aux.clear()
 
-    def compatible(self, features: dict[str, torch.Tensor]) -> bool:
-        return all(self.signatures.get(k) == tensor_signature(v) for k, v in features.items())
-
     def can_predict(self, names, signatures: dict[str, tuple] | None = None) -> bool:
         for name in names:
             f = self.forecasters.get(name)

@@ -23,7 +23,6 @@ class RunStats:
     block_units: float = 0.0    # blocks actually run (verification included)
     block_units_full: float = 0.0  # blocks an uncached run would have run
     peak_cache_bytes: int = 0
-    cache_bytes: int = 0
     errors: list = field(default_factory=list)    # (eval, time, error, threshold, accepted)
     step_outcomes: dict = field(default_factory=dict)  # sampler step -> worst outcome letter
     on_reject: str = "redo"

@@ -89,7 +89,6 @@ class BlockwiseCall:
         self.fired: list = []
         self.failed = ""
         self.rejected = False
-        self.rejected_units = 0.0
 
     def module(self, key):
         return getattr(self.ctx.diffusion_model, ATTR[key[0]])[key[1]]

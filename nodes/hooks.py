@@ -427,8 +427,9 @@ class BlockPatch:
 # ---------------------------------------------------------------------------------
 # installing onto a ModelPatcher clone
 # ---------------------------------------------------------------------------------
-def install(model, settings: CacheSettings):
-    """Return a clone of ``model`` (a ModelPatcher) with the cache installed."""
+def install(model, settings: CacheSettings, adapter=None):
+    """Return a clone of ``model`` (a ModelPatcher) with the cache installed, and the
+    model's adapter (``adapter``: one already selected for this model)."""
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     if HOLDER_KEY in to:
@@ -444,7 +445,8 @@ def install(model, settings: CacheSettings):
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
 
-    adapter = select_adapter(m.get_model_object("diffusion_model"))
+    if adapter is None:
+        adapter = select_adapter(m.get_model_object("diffusion_model"))
     if isinstance(adapter, StackAdapter):
         existing = to.get("patches_replace", {}).get("dit", {})
         for key in adapter.plan.keys:

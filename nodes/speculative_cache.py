@@ -124,5 +124,5 @@ class SpeculativeCache(io.ComfyNode):
         hidden = getattr(cls, "hidden", None)
         if hidden is not None:
             node_id = hidden.unique_id
-        patched, _ = install(model, CacheSettings(config=config, node_id=node_id))
+        patched, _ = install(model, CacheSettings(config=config, node_id=node_id), adapter)
         return io.NodeOutput(patched)
