@@ -20,6 +20,7 @@ from pathlib import Path
 from . import comfy_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OUTPUT = Path(__file__).resolve().parent / "output"
 
 
 def timed(fn, repeats):
@@ -47,9 +48,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--threshold", type=float, default=None, help="node threshold (default: the node's)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--update-results", action="store_true",
+                    help="write the picture to benchmarks/results/ (the README's) instead of benchmarks/output/")
     args = ap.parse_args(argv)
     if comfy_env.find_comfyui() is None:
-        print("ComfyUI not found: set COMFYUI_PATH (see README). Nothing to demo.")
+        print("ComfyUI not found. Looked in: " + comfy_env.where_looked())
+        print("Set COMFYUI_PATH=/path/to/ComfyUI or COMFYUI_ARCHIVE=ComfyUI-X.tar.gz (see README). Nothing to demo.")
         return 1
     comfy_env.setup_comfyui()
     from . import reference_model as rm
@@ -80,9 +84,10 @@ def main(argv=None) -> int:
     s["timeline"] = runs[0]["timeline"] + f"  (class 0; {len(runs)} samples in all)"
     report(f"Reference FLUX (trained, {len(labels)} samples of 128x128, cfg 2):", s, t_ref, t_cache,
            sum(psnr(a, b) for a, b in zip(out, ref)) / len(labels))
-    RESULTS.mkdir(exist_ok=True)
-    rm.save_grid([ref, out], RESULTS / "demo.png", ["uncached", "Speculative Cache"])
-    print(f"  side by side: {RESULTS / 'demo.png'}")
+    folder = RESULTS if args.update_results else OUTPUT
+    folder.mkdir(exist_ok=True)
+    rm.save_grid([ref, out], folder / "demo.png", ["uncached", "Speculative Cache"])
+    print(f"  side by side: {folder / 'demo.png'}")
 
     # 2. HunyuanVideo path at a small size (random weights)
     spec = dict(tm.CONFIGS["hunyuan_video"])

@@ -23,6 +23,21 @@ CONFIG_FILE = HERE / "config.json"
 UNET_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
                    hidden_size=128, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=4,
                    axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)
+# The deep reference model: FLUX.1's depth ratio (19 double + 38 single blocks there, 5 + 14
+# here), narrow enough to train on 2 CPU cores; the same data, conditioning and recipe. A
+# verification probe (one block) is 1/19 of a step, as 1/57 is on FLUX.1: the regime the
+# defaults must be tuned for.
+DEEP_UNET_CONFIG = dict(UNET_CONFIG, hidden_size=64, depth=5, depth_single_blocks=14, axes_dim=[4, 6, 6])
+MODELS = {
+    "reference": dict(folder=HERE, unet=UNET_CONFIG),
+    "reference_deep": dict(folder=HERE.parent / "reference_deep", unet=DEEP_UNET_CONFIG),
+}
+
+
+def model_files(name: str = "reference") -> tuple[Path, Path, Path]:
+    """(weights, config.json, samples.png) of a reference model."""
+    folder = MODELS[name]["folder"]
+    return folder / WEIGHTS.name, folder / CONFIG_FILE.name, folder / "samples.png"
 CLASSES = ["brick", "grass", "gravel", "coins", "astronaut", "camera", "chelsea", "coffee"]
 NULL_CLASS = len(CLASSES)
 TXT_TOKENS = 4
@@ -96,16 +111,17 @@ def random_crops(photos, labels: torch.Tensor, g: torch.Generator) -> torch.Tens
 
 
 # ---- ComfyUI side -------------------------------------------------------------------
-def read_config() -> dict:
-    return json.loads(CONFIG_FILE.read_text())
+def read_config(name: str = "reference") -> dict:
+    return json.loads(model_files(name)[1].read_text())
 
 
-def build_comfy_model(state_dict=None):
+def build_comfy_model(state_dict=None, name: str = "reference"):
     """A ModelPatcher around comfy.model_base.Flux built by comfy.supported_models.Flux."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
-    cfg = sm.Flux(dict(UNET_CONFIG))
+    from .tiny_models import complete_unet_config
+    cfg = sm.Flux(complete_unet_config(MODELS[name]["unet"]))
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device=torch.device("cpu"))
     if state_dict is not None:
@@ -115,10 +131,10 @@ def build_comfy_model(state_dict=None):
                                             offload_device=mm.unet_offload_device())
 
 
-def load_reference():
-    """The trained reference model through ComfyUI's FLUX config class."""
+def load_reference(name: str = "reference"):
+    """A trained reference model through ComfyUI's FLUX config class."""
     from safetensors.torch import load_file
-    return build_comfy_model(load_file(str(WEIGHTS)))
+    return build_comfy_model(load_file(str(model_files(name)[0])), name)
 
 
 def decode(samples: torch.Tensor) -> torch.Tensor:
@@ -231,9 +247,11 @@ def main(argv=None) -> int:
     from . import comfy_env
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--per-class", type=int, default=4)
+    ap.add_argument("--model", choices=list(MODELS), default="reference")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
-    patcher = load_reference()
+    patcher = load_reference(args.model)
+    grid_path = model_files(args.model)[2]
     photos = load_photos()
     mean = read_config()["pixel_mean"]
     g = torch.Generator().manual_seed(123)
@@ -244,8 +262,8 @@ def main(argv=None) -> int:
         fake = sample(patcher, [label] * k, [label * 100 + i for i in range(k)])
         rows.append(torch.cat([real, fake]))
         names.append(f"{name}: real | samples")
-    save_grid(rows, HERE / "samples.png", names)
-    print(f"wrote {HERE / 'samples.png'} (per row: {k} training crops, then {k} samples; pixel mean {mean:.3f})")
+    save_grid(rows, grid_path, names)
+    print(f"wrote {grid_path} (per row: {k} training crops, then {k} samples; pixel mean {mean:.3f})")
     return 0
 
 

@@ -284,7 +284,8 @@ def recipe_workload(path: Path) -> Workload:
         import comfy.model_management as mm
         import comfy.model_patcher
         import comfy.supported_models as sm
-        cfg = getattr(sm, recipe.get("model_config", "Flux"))(dict(recipe["unet_config"]))
+        from .tiny_models import complete_unet_config
+        cfg = getattr(sm, recipe.get("model_config", "Flux"))(complete_unet_config(recipe["unet_config"]))
         cfg.set_inference_dtype(torch.float32 if not torch.cuda.is_available() else torch.bfloat16, None)
         bm = cfg.get_model({}, device=torch.device("cpu"))
         bm.diffusion_model.load_state_dict(comfy.utils.load_torch_file(resolve(recipe["model"])), strict=True)

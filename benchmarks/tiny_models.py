@@ -28,6 +28,16 @@ CONFIGS = {
                   depth_single_blocks=2, axes_dim=[4, 6, 6], theta=256, patch_size=[1, 2, 2],
                   qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False),
         extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 6.0}),
+    # ComfyUI >= 0.8.0: FLUX.2 (global modulation passed to the blocks in ``vec``, 128 latent
+    # channels, patch 1, 4 rope axes, text padded to 512 tokens).
+    "flux2": dict(
+        cls="Flux2", latent=(1, 128, 8, 8),
+        unet=dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=64,
+                  hidden_size=64, mlp_ratio=3.0, num_heads=4, depth=2, depth_single_blocks=2,
+                  axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True,
+                  txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                  default_ref_method="index", ref_index_scale=10.0),
+        extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 4.0}),
     "wan21": dict(
         cls="WAN21_T2V", latent=(1, 16, 3, 8, 8),
         unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16,
@@ -44,6 +54,44 @@ CONFIGS = {
 }
 
 
+# Fields that newer ComfyUI versions made required in a family's params dataclass, with
+# the value that keeps the older behaviour (ComfyUI 0.8.0's model_detection sets these for
+# FLUX.1, Chroma and HunyuanVideo checkpoints). Filled only where the running version
+# declares the field, so the same configs build on 0.3.64 and on 0.8.0.
+_PARAMS_CLASSES = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams"),
+    "flux2": ("comfy.ldm.flux.model", "FluxParams"),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"),
+}
+_NEW_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "use_cond_type_embedding": False,
+               "vision_in_dim": None, "meanflow_sum": False}
+
+
+def complete_unet_config(unet: dict) -> dict:
+    """``unet`` with the fields the running ComfyUI requires and an older one did not know."""
+    import dataclasses
+    import importlib
+    where = _PARAMS_CLASSES.get(unet.get("image_model"))
+    if where is None:
+        return dict(unet)
+    params = getattr(importlib.import_module(where[0]), where[1], None)
+    out = dict(unet)
+    if params is None or not dataclasses.is_dataclass(params):
+        return out
+    for f in dataclasses.fields(params):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in out and f.name in _NEW_FIELDS:
+            out[f.name] = _NEW_FIELDS[f.name]
+    return out
+
+
+def available(name: str) -> bool:
+    """Whether the running ComfyUI has this model's config class (FLUX.2 came in 0.8.0)."""
+    import comfy.supported_models as sm
+    return hasattr(sm, CONFIGS[name]["cls"])
+
+
 def build(name: str, seed: int = 0, depth: int | None = None, single: int | None = None):
     """A ModelPatcher around ComfyUI's own model class at tiny size, weights N(0, 0.02)."""
     import comfy.model_management as mm
@@ -56,7 +104,7 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
         unet["depth"] = depth
     if single is not None:
         unet["depth_single_blocks"] = single
-    cfg = getattr(sm, spec["cls"])(unet)
+    cfg = getattr(sm, spec["cls"])(complete_unet_config(unet))
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)

@@ -1,8 +1,12 @@
 """Train the reference model (see reference_model.py) with rectified-flow matching.
 
-    .venv/bin/python -m benchmarks.train_reference            # ~40 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.train_reference                         # ~40 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.train_reference --model reference_deep  # the 19-block model
 
-Fixed seed; writes benchmarks/reference/{flux_tiny.safetensors, config.json, samples.png}."""
+Fixed seed; writes benchmarks/<model>/{flux_tiny.safetensors, config.json}. Resumable: a
+checkpoint (model, EMA, optimiser, data generator) is written every ``--checkpoint-every``
+steps to .cache/train/<model>/ and a rerun continues from it, with the same result as an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,7 +48,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     comfy_env.setup_comfyui()
     from . import reference_model as rm
@@ -55,7 +65,7 @@ def main(argv=None) -> int:
     mean, std = rm.pixel_stats(photos)
     context, pooled = rm.class_embeddings()
 
-    patcher = rm.build_comfy_model()
+    patcher = rm.build_comfy_model(name=args.model)
     dm = patcher.model.diffusion_model
     init_weights(dm, g)
     dm.train()
@@ -71,9 +81,32 @@ def main(argv=None) -> int:
         p = (step - warm) / max(args.steps - warm, 1)
         return 1e-5 + 0.5 * (args.lr - 1e-5) * (1 + math.cos(math.pi * p))
 
+    ckpt_path = comfy_env.PACK_ROOT / ".cache" / "train" / args.model / "checkpoint.pt"
     started = time.time()
-    losses = []
-    for step in range(args.steps):
+    losses, first, spent = [], 0, 0.0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["args"] == {k: v for k, v in vars(args).items() if k not in ("checkpoint_every", "threads", "out")}:
+            dm.load_state_dict(ck["model"])
+            ema.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["opt"])
+            g.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            losses, first, spent = ck["losses"], ck["step"], ck["seconds"]
+            print(f"resuming {args.model} from step {first} ({ckpt_path})", flush=True)
+        else:
+            print(f"ignoring {ckpt_path}: made with other settings", flush=True)
+
+    def save_checkpoint(step):
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"args": {k: v for k, v in vars(args).items() if k not in ("checkpoint_every", "threads", "out")},
+                    "model": dm.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
+                    "step": step, "seconds": spent + time.time() - started}, tmp)
+        tmp.replace(ckpt_path)
+
+    for step in range(first, args.steps):
         labels = torch.randint(0, len(rm.CLASSES), (args.batch,), generator=g)
         x0 = rm.to_latent(rm.random_crops(photos, labels, g), mean)
         cond_labels = torch.where(torch.rand(args.batch, generator=g) < 0.1,
@@ -97,22 +130,27 @@ def main(argv=None) -> int:
         losses.append(loss.item())
         if step % 50 == 0 or step == args.steps - 1:
             recent = sum(losses[-50:]) / len(losses[-50:])
-            print(f"step {step:5d}  loss {recent:.4f}  lr {lr_at(step):.2e}  {time.time() - started:7.1f} s",
-                  flush=True)
+            took = time.time() - started
+            left = took / (step + 1 - first) * (args.steps - step - 1)
+            print(f"step {step:5d}/{args.steps}  loss {recent:.4f}  lr {lr_at(step):.2e}  {spent + took:7.1f} s"
+                  f"  (about {left / 60:.0f} min left)", flush=True)
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            save_checkpoint(step + 1)
 
-    out_dir = rm.HERE if args.out is None else __import__("pathlib").Path(args.out)
+    weights, config_file, _ = rm.model_files(args.model)
+    out_dir = weights.parent if args.out is None else Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().float() for k, v in ema.state_dict().items()}
-    save_file(state, str(out_dir / rm.WEIGHTS.name))
+    save_file(state, str(out_dir / weights.name))
     config = {
-        "unet_config": rm.UNET_CONFIG, "classes": rm.CLASSES, "null_class": rm.NULL_CLASS,
+        "unet_config": rm.MODELS[args.model]["unet"], "classes": rm.CLASSES, "null_class": rm.NULL_CLASS,
         "txt_tokens": rm.TXT_TOKENS, "image_size": rm.IMAGE_SIZE, "unshuffle": rm.UNSHUFFLE,
         "data_scale": rm.DATA_SCALE, "pixel_mean": mean, "pixel_std": std, "cond_seed": rm.COND_SEED,
         "train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
                   "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-                  "seconds": round(time.time() - started, 1), "torch": torch.__version__},
+                  "seconds": round(spent + time.time() - started, 1), "torch": torch.__version__},
     }
-    (out_dir / rm.CONFIG_FILE.name).write_text(json.dumps(config, indent=1))
+    (out_dir / config_file.name).write_text(json.dumps(config, indent=1))
     print(f"saved to {out_dir} in {time.time() - started:.0f} s", flush=True)
     return 0
 

@@ -29,6 +29,13 @@ class CacheConfig:
     # predicted to pass by a wide margin (error below skip_verify_below x threshold).
     predict_errors: bool = True
     skip_verify_below: float = 0.5
+    # Back-off (see Policy.probe_allowed): verification probes of forecasts that were then
+    # rejected may cost at most this fraction of an uncached run beyond what accepted
+    # forecasts saved, so the cache never costs more than 1 + max_overhead of running
+    # without it; and after repeated rejections of the first forecast after a full step,
+    # the next attempts wait 1, 3, 7, ... steps. The paper presets turn both off.
+    max_overhead: float = 0.02
+    backoff: bool = True
     # "stack": forecast the residual of each block stage (small memory). "block": forecast
     # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
     granularity: str = "stack"
@@ -94,6 +101,8 @@ class CacheConfig:
         for name in ("warmup_steps", "final_full_steps", "unverified_forecasts"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.max_overhead >= 0.0):
+            problems.append(f"max_overhead must be >= 0, got {self.max_overhead}")
         if self.max_forecast_steps < 1:
             problems.append(f"max_forecast_steps must be >= 1, got {self.max_forecast_steps}")
         if not (0.0 <= self.start_percent <= 1.0 and 0.0 <= self.end_percent <= 1.0):

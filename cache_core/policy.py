@@ -50,6 +50,14 @@ class Policy:
         self.growth = float(config.order + 1)     # starting guess for g (Taylor order p: p + 1)
         self.first_error = None                   # running estimate of the error at d = 1
         self.last_verified = None                 # (d, error) in the current run of forecasts
+        # Back-off: the cost ledger of the run (block units), set by the run before each
+        # decision, and the rejections of first forecasts in a row.
+        self.units_spent = 0.0                    # units run so far (probes included)
+        self.units_full = 0.0                     # units an uncached run would have run so far
+        self.evaluations = 0                      # evaluations booked so far
+        self.probe_waste = None                   # units one rejected probe cost (measured)
+        self.first_rejections = 0                 # first forecasts after a full step rejected in a row
+        self.cooldown = 0                         # full steps to take before the next attempt
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -80,6 +88,11 @@ class Policy:
         if self.forecasts_since_full >= c.max_forecast_steps:
             return full("max_forecast")
         verify = self.forecasts_since_full >= c.unverified_forecasts
+        if verify and self.forecasts_since_full == 0:
+            if c.backoff and self.cooldown > 0:
+                return full("backoff")
+            if not self.probe_allowed():
+                return full("budget")
         if c.predict_errors and verify:
             predicted = self.predicted_error(self.forecasts_since_full + 1)
             tau = self.threshold_at(self.progress(step_index))
@@ -90,6 +103,34 @@ class Policy:
             if predicted is not None and predicted < c.skip_verify_below * tau:
                 return Decision(StepMode.FORECAST, False, "predicted_accept")
         return Decision(StepMode.FORECAST, verify, "speculate")
+
+    def probe_allowed(self) -> bool:
+        """Whether one more probe fits the overhead budget: the units spent beyond an
+        uncached run so far (negative once forecasts saved more than probes wasted), plus
+        the waste of one more rejected probe, must stay within ``max_overhead`` of the
+        whole uncached run (projected from the evaluations so far). So even when every
+        forecast fails, the run costs at most 1 + max_overhead of an uncached one."""
+        if self.probe_waste is None or self.evaluations == 0 or self.config.max_overhead == float("inf"):
+            return True
+        projected_full = self.units_full / self.evaluations * max(self.total_steps, self.evaluations)
+        over = self.units_spent - self.units_full
+        return over + self.probe_waste <= self.config.max_overhead * projected_full
+
+    def set_ledger(self, units_spent: float, units_full: float, evaluations: int) -> None:
+        self.units_spent, self.units_full, self.evaluations = float(units_spent), float(units_full), int(evaluations)
+
+    def record_rejected_probe(self, waste: float, distance: int) -> None:
+        """A verified forecast at ``distance`` from the last full step failed; ``waste``:
+        the units its probe cost on top of the full recomputation."""
+        if waste > 0:
+            self.probe_waste = waste if self.probe_waste is None else max(self.probe_waste, waste)
+        if distance == 1:
+            self.first_rejections += 1
+            # 1, 3, 7, ... full steps before the next attempt, from the second failure on
+            self.cooldown = 2 ** (self.first_rejections - 1) - 1
+
+    def record_accepted(self) -> None:
+        self.first_rejections = 0
 
     def predicted_error(self, distance: int):
         if self.last_verified is not None:
@@ -113,6 +154,8 @@ class Policy:
         self.last_verified = (d, error)
 
     def record_full(self) -> None:
+        if self.cooldown > 0 and self.forecasts_since_full == 0:
+            self.cooldown -= 1
         self.forecasts_since_full = 0
         self.force_full_next = False
         self.last_full = True

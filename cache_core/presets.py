@@ -17,14 +17,16 @@ from .config import CacheConfig
 PAPER_FLUX = dict(method="speca", forecaster="taylor", order=2, time_axis="step", warmup_steps=3,
                   unverified_forecasts=2, max_forecast_steps=8, threshold_decay=0.3, threshold_floor=0.1,
                   metric="relative_l1", on_reject="next", final_full_steps=0, paper_schedule=True,
-                  start_percent=0.0, end_percent=1.0, predict_errors=False)
+                  start_percent=0.0, end_percent=1.0, predict_errors=False, backoff=False,
+                  max_overhead=float("inf"))
 # SpeCa reference code, HunyuanVideo (cache_init.py): order 1, first_enhance 1, min/max 4/12,
 # base 1.0, decay 0.1, floor 0.1. (It verifies every cached step but acts only from the
 # min-th on; the decisions are the same.)
 PAPER_HUNYUAN_VIDEO = dict(method="speca", forecaster="taylor", order=1, time_axis="step", warmup_steps=1,
                            unverified_forecasts=4, max_forecast_steps=12, threshold_decay=0.1,
                            threshold_floor=0.1, metric="relative_l1", on_reject="next", final_full_steps=0,
-                           paper_schedule=True, start_percent=0.0, end_percent=1.0, predict_errors=False)
+                           paper_schedule=True, start_percent=0.0, end_percent=1.0, predict_errors=False,
+                           backoff=False, max_overhead=float("inf"))
 
 # Our defaults per family (stack granularity; measured on the reference model, see README).
 FAMILY = {

@@ -31,6 +31,7 @@ class SpeculativeRun:
         self.time = float("nan")
         self.decision: Decision | None = None
         self._eval_outcome = None
+        self._eval_start_units = (0.0, 0.0)
         self.closed = False
 
     # ---- evaluation (one model call of the sampler, all chunks) -------------------
@@ -43,6 +44,9 @@ class SpeculativeRun:
         self.sigma = float(sigma)
         self.time = self.sigma if self.config.time_axis == "sigma" else float(self.step_index)
         has_history = bool(self.streams) and any(s.forecasters for s in self.streams.values())
+        st = self.stats
+        self.policy.set_ledger(st.block_units, st.block_units_full, st.evaluations)
+        self._eval_start_units = (st.block_units, st.block_units_full)
         self.decision = self.policy.decide(self.step_index, self.sigma, has_history)
         self.stats.evaluations += 1
         self._eval_outcome = None
@@ -71,6 +75,8 @@ class SpeculativeRun:
         kept_forecast = outcome == FORECAST or (outcome == REJECTED and self.config.on_reject == "next")
         if kept_forecast:
             self.stats.forecast += 1
+            if outcome == FORECAST:
+                self.policy.record_accepted()
             self.policy.record_forecast()
             if outcome == REJECTED:
                 # SpeCa's behaviour: the rejected forecast stands, the next step is full.
@@ -78,7 +84,12 @@ class SpeculativeRun:
         else:
             # Computed, or rejected and recomputed ("redo").
             self.stats.computed += 1
+            distance = self.policy.forecasts_since_full + 1
             self.policy.record_full()
+            if outcome == REJECTED:
+                units0, full0 = self._eval_start_units
+                waste = (self.stats.block_units - units0) - (self.stats.block_units_full - full0)
+                self.policy.record_rejected_probe(waste, distance)
 
     # ---- streams -----------------------------------------------------------------
     def stream(self, key) -> StreamCache:

@@ -11,7 +11,7 @@ COMPUTED, FORECAST, REJECTED = "C", "F", "R"
 @dataclass
 class RunStats:
     method: str = ""
-    mode: str = ""              # "stack" (block-level) or "output" (fallback)
+    mode: str = ""              # "stack" / "block" (block-level granularities) or "output" (fallback)
     steps: int = 0              # sampler steps of the schedule
     evaluations: int = 0        # model evaluations (Heun & co. make several per step)
     computed: int = 0           # evaluations on which the model ran fully
@@ -26,6 +26,7 @@ class RunStats:
     errors: list = field(default_factory=list)    # (eval, time, error, threshold, accepted)
     step_outcomes: dict = field(default_factory=dict)  # sampler step -> worst outcome letter
     on_reject: str = "redo"
+    internal_error: str = ""    # set when an error ended the cache early in this run
 
     @property
     def timeline(self) -> str:
@@ -67,6 +68,7 @@ class RunStats:
             "speedup": round(self.estimated_speedup, 3),
             "cache_bytes": self.peak_cache_bytes,
             "timeline": self.timeline,
+            "internal_error": self.internal_error,
             "errors": [list(e) for e in self.errors],
         }
 

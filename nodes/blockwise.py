@@ -68,6 +68,23 @@ def checked_prediction(call, feature: str, like: torch.Tensor):
     return pred.to(like.dtype)
 
 
+def double_block_modulation(blk, vec):
+    """((img_mod1, img_mod2), (txt_mod1, txt_mod2)) of a double block: from its own
+    modulation layers, or precomputed in ``vec`` (ComfyUI 0.8.0's Chroma and Flux.2 build
+    the blocks with ``modulation=False`` and pass the modulation tuples as ``vec``)."""
+    if getattr(blk, "img_mod", None) is not None:
+        return blk.img_mod(vec), blk.txt_mod(vec)
+    return vec
+
+
+def single_block_modulation(blk, vec):
+    """The single block's modulation (shift, scale, gate), from its layer or from ``vec``."""
+    layer = getattr(blk, "modulation", None)
+    if isinstance(layer, torch.nn.Module):
+        return layer(vec)[0]
+    return vec
+
+
 def _gate(tensor, gate, dims):
     from comfy.ldm.flux.layers import apply_mod
     return apply_mod(tensor, gate, None, dims)
@@ -144,13 +161,12 @@ class BlockwiseCall:
                 self.rejected = True
             return out
         if key[0] == "single_block":
-            mod, _ = blk.modulation(args["vec"])
+            mod = single_block_modulation(blk, args["vec"])
             total = self._pred(key, "total", args["img"])
             if total is None:
                 return passthrough
             return {"img": args["img"] + _gate(total, mod.gate, args.get("modulation_dims"))}
-        im1, im2 = blk.img_mod(args["vec"])
-        tm1, tm2 = blk.txt_mod(args["vec"])
+        (im1, im2), (tm1, tm2) = double_block_modulation(blk, args["vec"])
         dims_i, dims_t = args.get("modulation_dims_img"), args.get("modulation_dims_txt")
         preds = {n: self._pred(key, n, args["img" if n.startswith("img") else "txt"]) for n in CAPTURE[key[0]]}
         if any(p is None for p in preds.values()):

@@ -23,7 +23,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise
+from . import blockwise, guard
 from .adapters import (OutputAdapter, StackAdapter, cache_memory_warning, estimate_cache_bytes,
                        find_transformer_options, forward_argument, select_adapter, warn_once)
 
@@ -190,8 +190,11 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     def counting_callback(step, denoised, x, total_steps):
         ctx.callback_seen = True
         ctx.steps_done = int(step) + 1
-        ctx.run.end_evaluation()
-        _notify(ctx.settings.node_id, ctx.run.stats, False)
+        try:
+            ctx.run.end_evaluation()
+            _notify(ctx.settings.node_id, ctx.run.stats, False)
+        except Exception as e:
+            guard.fail(ctx, "step callback", e)
         if original_callback is not None:
             return original_callback(step, denoised, x, total_steps)
 
@@ -206,9 +209,12 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("model_options", {})
     ctx = _run_context(model_options.get("transformer_options"))
     if ctx is not None:
-        timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
-        sigma = float(torch.as_tensor(timestep).max())
-        ctx.run.begin_evaluation(sigma, ctx.step_index_for(sigma))
+        try:
+            timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
+            sigma = float(torch.as_tensor(timestep).max())
+            ctx.run.begin_evaluation(sigma, ctx.step_index_for(sigma))
+        except Exception as e:
+            guard.fail(ctx, "evaluation start", e)
     return executor(*args, **kwargs)
 
 
@@ -217,13 +223,25 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     ctx = _run_context(to)
     if ctx is None or ctx.run.decision is None:
         return executor(*args, **kwargs)
+    try:
+        return _cached_model_call(ctx, executor, args, kwargs, to)
+    except Exception as e:
+        if guard.is_interrupt(e):
+            raise
+        guard.fail(ctx, "model call", e)
+        return executor(*args, **kwargs)
+
+
+def _cached_model_call(ctx, executor, args, kwargs, to):
     ctx.diffusion_model_seen = True
     module = executor.class_obj
     if ctx.diffusion_model is None:
         ctx.diffusion_model = module
         if ctx.run.config.block_level and ctx.stack_ok:
             ctx.blockwise = blockwise.supports(module)
-            if not ctx.blockwise:
+            if ctx.blockwise:
+                ctx.run.stats.mode = "block"
+            else:
                 warn_once(f"Speculative Cache: block granularity is not available for "
                           f"{type(module).__name__}; using stack granularity.")
     use_stack = ctx.stack_ok
@@ -250,9 +268,18 @@ def apply_model_wrapper(executor, *args, **kwargs):
             warn_once("Speculative Cache: this model has no DIFFUSION_MODEL hook; forecasting "
                       "the model output at the APPLY_MODEL level.")
             ctx.stack_ok = False
-            _record_output(ctx, to, out, "apply_out")
+            try:
+                _record_output(ctx, to, out, "apply_out")
+            except Exception as e:
+                guard.fail(ctx, "model output", e)
         return out
-    return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
+    try:
+        return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
+    except Exception as e:
+        if guard.is_interrupt(e):
+            raise
+        guard.fail(ctx, "model call", e)
+        return executor(*args, **kwargs)
 
 
 def _stream_keys(to, batch):

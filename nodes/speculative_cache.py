@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..cache_core import CacheConfig
 from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
 from ..cache_core.presets import PRESETS, resolve_settings
+from . import compat
 from .adapters import select_adapter
 from .hooks import CacheSettings, install
 
@@ -113,6 +114,7 @@ class SpeculativeCache(io.ComfyNode):
         unknown = set(inputs) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"Speculative Cache: unknown inputs {sorted(unknown)}")
+        compat.warn_if_incompatible()
         values = {**DEFAULTS, **inputs}
         preset = values.pop("preset")
         if values["storage_dtype"] == "auto":

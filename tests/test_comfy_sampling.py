@@ -65,7 +65,11 @@ def test_rejected_forecasts_are_recomputed_exactly(spec_nodes, models, stats_log
     out = tm.sample(cached(spec_nodes, m, threshold=1e-9, warmup_steps=2, final_full_steps=1), name, steps=12)
     assert torch.equal(out, ref)
     s = stats_log[-1]
-    assert s["verified"] == s["rejected"] == 12 - 2 - 1   # every forecast probed, rejected, recomputed
+    assert s["verified"] == s["rejected"] >= 1   # every probed forecast rejected and recomputed
+    assert s["eval_computed"] == 12
+    # back-off: the wasted probes stay within 2 % of the uncached run (or one probe: 1 of the 4
+    # blocks of one of 12 steps, 2.1 %), instead of one probe per step (+19 %)
+    assert s["compute_fraction"] <= 1 + max(0.02, 1 / (4 * 12)) + 1e-9
     assert s["forecast"] == 0 and s["compute_fraction"] > 1.0  # the probes cost something
 
 

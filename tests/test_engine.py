@@ -420,3 +420,45 @@ def test_error_prediction_refuses_doomed_forecasts_and_skips_safe_probes(core):
     pol.record_full()
     d1b = pol.decide(5, 0.2)
     assert d1b.forecast and not d1b.verify and d1b.reason == "predicted_accept"
+
+
+# ---- back-off: the cache never costs more than running without it -----------------------
+@pytest.mark.parametrize("steps", [10, 28, 50])
+def test_backoff_bounds_the_cost_when_every_forecast_fails(core, steps):
+    """Every verified forecast rejected (a model the threshold does not fit): the probes
+    wasted stay within max_overhead (2 %) of the uncached run."""
+    cfg = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False)
+    modes, stats, _ = simulate(core, cfg, steps, accept=lambda i: False)
+    assert stats.rejected >= 1 and "F" not in modes
+    # the first probe of a run is always allowed (its cost is not known before): one probe
+    # (1 of 4 units of one step) is 2.5 % of a 10-step run
+    assert stats.compute_fraction <= 1 + max(0.02, 1 / (4 * steps)) + 1e-12
+    loose = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False,
+                             backoff=False, max_overhead=float("inf"))
+    _, unbounded, _ = simulate(core, loose, steps, accept=lambda i: False)
+    assert unbounded.compute_fraction == pytest.approx(1 + (steps - 1) / (4 * steps))   # every step probed
+
+
+def test_backoff_spaces_attempts_after_repeated_first_rejections(core):
+    cfg = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False,
+                           max_overhead=float("inf"))
+    modes, _, _ = simulate(core, cfg, 24, accept=lambda i: False)
+    # attempts wait 0, 1, 3, 7 full steps after the 1st, 2nd, 3rd, 4th rejection in a row
+    assert modes == "C" + "R" + "R" + "C" + "R" + "CCC" + "R" + "CCCCCCC" + "R" + "C" * 7
+
+
+def test_backoff_recovers_once_forecasts_pass(core):
+    cfg = core.CacheConfig(threshold=0.5, warmup_steps=1, final_full_steps=0, predict_errors=False,
+                           max_forecast_steps=3, max_overhead=0.1)
+    modes, stats, run = simulate(core, cfg, 30, accept=lambda i: i >= 8)
+    assert "R" in modes[:8]
+    assert modes[12:].count("F") >= 10                  # forecasting resumed at full speed
+    assert run.policy.first_rejections == 0
+    assert stats.compute_fraction < 0.75
+
+
+def test_paper_presets_keep_the_papers_schedule_without_backoff(core):
+    from importlib import import_module
+    presets = import_module(core.__name__ + ".presets")
+    cfg = presets.resolve_settings("paper_flux", "flux", {"threshold": 7.0}, {})
+    assert cfg.backoff is False and cfg.max_overhead == float("inf")

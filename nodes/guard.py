@@ -1,0 +1,32 @@
+"""A bug of ours must never stop a user's sampling: any exception raised while the cache
+acts on a model call (in our code, or in the model because of something we fed it) ends
+the cache for the rest of that run, with one warning, and the call is redone uncached.
+ComfyUI's interrupt always passes through untouched."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("speculative_cache")
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    if not isinstance(exc, Exception):
+        return True   # KeyboardInterrupt, SystemExit, ...
+    try:
+        import comfy.model_management as mm
+        return isinstance(exc, mm.InterruptProcessingException)
+    except Exception:
+        return False
+
+
+def fail(ctx, where: str, exc: Exception) -> None:
+    """Give up caching for the rest of ``ctx``'s run (its cache is freed now)."""
+    reason = f"{where}: {type(exc).__name__}: {exc}"
+    log.warning("Speculative Cache: internal error in %s; this run continues without the cache. "
+                "Please report it with the workflow.", reason, exc_info=exc)
+    stats = ctx.run.stats
+    if not stats.internal_error:
+        stats.internal_error = reason[:500]
+    ctx.active = None
+    ctx.run.close()
