@@ -44,6 +44,43 @@ CONFIGS = {
                   dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
                   window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
         extras=lambda g: {}),
+    "wan22": dict(
+        cls="WAN22_T2V", latent=(1, 48, 3, 8, 8),
+        unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=48,
+                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=48, num_heads=4, num_layers=3,
+                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        extras=lambda g: {}),
+    "qwen_image": dict(
+        cls="QwenImage", latent=(1, 16, 1, 16, 16),
+        unet=dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(4, 6, 6)),
+        extras=lambda g: {}),
+    "ltxv": dict(
+        cls="LTXV", latent=(1, 128, 2, 4, 4),
+        unet=dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=16,
+                  num_attention_heads=4, caption_channels=64, num_layers=3),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    "lumina2": dict(
+        cls="Lumina2", latent=(1, 16, 16, 16),
+        unet=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=3, n_refiner_layers=1,
+                  n_heads=4, n_kv_heads=4, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, qk_norm=True,
+                  cap_feat_dim=64, axes_dims=[4, 6, 6], axes_lens=[64, 64, 64]),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # ComfyUI >= 0.8.0
+    "hunyuan_video15": dict(
+        cls="HunyuanVideo15", latent=(1, 32, 3, 8, 8),
+        unet=dict(image_model="hunyuan_video", in_channels=65, out_channels=32, vec_in_dim=None,
+                  context_in_dim=64, hidden_size=64, mlp_ratio=4.0, num_heads=4, depth=2,
+                  depth_single_blocks=2, axes_dim=[4, 6, 6], theta=256, patch_size=[1, 1, 1],
+                  qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False,
+                  use_cond_type_embedding=True, vision_in_dim=None, meanflow_sum=False),
+        extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g)}),
+    "kandinsky5": dict(
+        cls="Kandinsky5Image", latent=(1, 16, 16, 16),
+        unet=dict(image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=32,
+                  time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=64, patch_size=(1, 2, 2),
+                  num_text_blocks=1, num_visual_blocks=3, axes_dims=(4, 6, 6)),
+        extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g)}),
     "sd3": dict(
         cls="SD3", latent=(1, 16, 16, 16),
         unet=dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, depth=2, patch_size=2,

@@ -10,6 +10,7 @@ import inspect
 import logging
 
 from ..cache_core import StackPlan
+from .families import block_plan, family_of
 
 log = logging.getLogger("speculative_cache")
 
@@ -22,21 +23,21 @@ def warn_once(message: str) -> None:
         log.warning(message)
 
 
-def _mro_names(obj) -> set:
-    return {f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__}
-
-
 class StackAdapter:
-    """Models whose forward calls ``patches_replace["dit"]`` for each block with
-    ``img`` (and ``txt`` for double-stream blocks): FLUX (dev, schnell, Kontext),
-    Chroma (+ Radiance) and HunyuanVideo. Block patches only ever receive and return
-    these tensors, so the same code serves all of them whatever their stream order."""
+    """Models whose forward calls ``patches_replace["dit"]`` for each block (the families in
+    ``families.FAMILIES``). Block patches only ever receive and return the tensors the
+    family's contract names, so the same code serves all of them."""
 
     mode = "stack"
 
-    def __init__(self, family: str, plan: StackPlan):
+    def __init__(self, family: str, plan: StackPlan, contract=None):
         self.family = family
         self.plan = plan
+        self.contract = contract
+
+    @property
+    def apply_model_level(self) -> bool:
+        return bool(self.contract and self.contract.apply_model_level)
 
 
 class OutputAdapter:
@@ -45,41 +46,25 @@ class OutputAdapter:
     mode = "output"
     family = "generic"
     plan = None
-
-
-# (class path in the MRO, family, double-block attribute, skip list, single-block attribute, skip list)
-_STACK_FAMILIES = (
-    ("comfy.ldm.chroma.model.Chroma", "chroma", "double_blocks", "skip_mmdit", "single_blocks", "skip_dit"),
-    ("comfy.ldm.flux.model.Flux", "flux", "double_blocks", None, "single_blocks", None),
-    ("comfy.ldm.hunyuan_video.model.HunyuanVideo", "hunyuan_video", "double_blocks", None, "single_blocks", None),
-)
+    contract = None
+    apply_model_level = False
 
 
 def stack_plan_for(diffusion_model) -> tuple[str, StackPlan] | None:
-    names = _mro_names(diffusion_model)
-    for cls_path, family, dattr, dskip, sattr, sskip in _STACK_FAMILIES:
-        if cls_path not in names:
-            continue
-        blocks = []
-        skip_d = set(getattr(diffusion_model, dskip, None) or []) if dskip else set()
-        skip_s = set(getattr(diffusion_model, sskip, None) or []) if sskip else set()
-        for i in range(len(getattr(diffusion_model, dattr, []) or [])):
-            if i not in skip_d:
-                blocks.append((("double_block", i), ("img", "txt")))
-        for i in range(len(getattr(diffusion_model, sattr, []) or [])):
-            if i not in skip_s:
-                blocks.append((("single_block", i), ("img",)))
-        if not blocks:
-            return None
-        return family, StackPlan(blocks)
-    return None
+    fam = family_of(diffusion_model)
+    if fam is None:
+        return None
+    blocks = block_plan(diffusion_model, fam)
+    if not blocks:
+        return None
+    return fam.name, StackPlan(blocks)
 
 
 def select_adapter(diffusion_model):
     found = stack_plan_for(diffusion_model)
     if found is not None:
         family, plan = found
-        return StackAdapter(family, plan)
+        return StackAdapter(family, plan, family_of(diffusion_model))
     warn_once(f"Speculative Cache: no block-level support for {type(diffusion_model).__name__}; "
               "forecasting the model output as a whole instead (no per-step verification: "
               "forecasts are bounded by max_forecast_steps).")
@@ -133,8 +118,11 @@ def estimate_cache_bytes(adapter, diffusion_model, config, latent_shape, txt_tok
     tokens x hidden size x stored tensors x history points x streams x bytes."""
     if not isinstance(adapter, StackAdapter):
         return None
-    hidden = getattr(getattr(diffusion_model, "params", None), "hidden_size", None) or \
-        getattr(diffusion_model, "hidden_size", None)
+    hidden = getattr(getattr(diffusion_model, "params", None), "hidden_size", None)
+    for name in ("hidden_size", "dim", "inner_dim", "model_dim"):   # FLUX-likes, Wan, Qwen/LTXV, ...
+        if not hidden:
+            hidden = getattr(diffusion_model, name, None)
+    hidden = hidden if isinstance(hidden, int) else None
     patch = getattr(diffusion_model, "patch_size", 2)
     patch = list(patch) if isinstance(patch, (list, tuple)) else [patch, patch]
     spatial = list(latent_shape[2:])

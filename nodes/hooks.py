@@ -244,14 +244,29 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
             else:
                 warn_once(f"Speculative Cache: block granularity is not available for "
                           f"{type(module).__name__}; using stack granularity.")
-    use_stack = ctx.stack_ok
-    if use_stack and forward_argument(module, "control", args, kwargs) is not None:
-        warn_once("Speculative Cache: a ControlNet is attached; its residuals are added outside "
-                  "the block patches, so this run forecasts the model output instead of blocks.")
-        use_stack = False
-    if use_stack:
+    if _stack_usable(ctx, module, args, kwargs, to):
         return _stack_forward(ctx, executor, args, kwargs, to)
     return _output_forward(ctx, executor, args, kwargs, to, "out")
+
+
+def _stack_usable(ctx, module, args, kwargs, to) -> bool:
+    """Block level, unless something adds residuals between blocks outside the block
+    patches (a ControlNet, a family's between-block patches): a stage's forecast residual
+    already holds them, so they would count twice. Output level for that call then."""
+    if not ctx.stack_ok:
+        return False
+    contract = ctx.adapter.contract
+    patches = (to or {}).get("patches") or {}
+    if forward_argument(module, "control", args, kwargs) is not None:
+        warn_once("Speculative Cache: a ControlNet is attached; its residuals are added outside "
+                  "the block patches, so this run forecasts the model output instead of blocks.")
+    elif contract is not None and any(patches.get(k) for k in contract.between_block_patches):
+        warn_once(f"Speculative Cache: a model patch adds features between {contract.name} blocks; this run "
+                  "forecasts the model output instead of blocks.")
+    else:
+        return True
+    ctx.run.stats.mode = "output"
+    return False
 
 
 def apply_model_wrapper(executor, *args, **kwargs):
@@ -261,6 +276,17 @@ def apply_model_wrapper(executor, *args, **kwargs):
     ctx = _run_context(to)
     if ctx is None or ctx.run.decision is None or ctx.diffusion_model_seen:
         return executor(*args, **kwargs)
+    if ctx.adapter.apply_model_level:
+        # A family whose forward has no DIFFUSION_MODEL hook but calls block patches (SD3).
+        try:
+            if _stack_usable(ctx, executor.class_obj, args, kwargs, to):
+                return _stack_forward(ctx, executor, args, kwargs, to)
+            return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
+        except Exception as e:
+            if guard.is_interrupt(e):
+                raise
+            guard.fail(ctx, "model call", e)
+            return executor(*args, **kwargs)
     ctx.apply_model_calls += 1
     if ctx.apply_model_calls == 1:
         out = executor(*args, **kwargs)
@@ -403,7 +429,8 @@ class BlockCall:
 
     def _forecast_block(self, loc, args, run_block):
         stage, first, _ = loc
-        passthrough = {t: args[t] for t in stage.tensors}
+        # Every input the forward may read back (SD3's last block is read for "txt" too).
+        passthrough = {k: v for k, v in args.items() if k != "transformer_options"}
         if self.failed:
             return passthrough
         if stage.verify and self.verify:
@@ -425,7 +452,7 @@ class BlockCall:
         pred = self._predicted(stage, args)
         if pred is None:
             return passthrough
-        return {t: args[t] + pred[t] for t in stage.tensors}
+        return {**passthrough, **{t: args[t] + pred[t] for t in stage.tensors}}
 
 
 class BlockPatch:

@@ -1,0 +1,107 @@
+"""The block contract of every model family the cache forecasts at block level, in one place.
+
+A family entry says which diffusion-model class it is, where its block lists are, under
+which ``patches_replace["dit"]`` keys the model's forward calls them, and which tensors the
+forward reads back from a block patch (the ones that evolve from block to block: FLUX's
+double blocks carry ``img`` and ``txt``; Wan's blocks carry ``img`` and only read ``txt``).
+Adding a family is one entry here plus its tiny real-class test (tests/test_comfy_families.py).
+
+Facts about each forward are from ComfyUI's source (0.3.64 and 0.8.0); ``since`` names the
+first version that has the class, where it is newer than 0.3.64."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BlockList:
+    kind: str                 # the patches_replace["dit"] key kind: ("double_block", i)
+    attr: str                 # the model attribute holding the nn.ModuleList
+    carries: tuple            # tensors the forward reads back from the patch's output
+    skip_attr: str | None = None   # a model attribute listing block indices the forward skips
+    last_carries: tuple | None = None  # what the last block returns, where it differs
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    classes: tuple                  # diffusion-model classes ("module.Class")
+    blocks: tuple                   # BlockLists in execution order
+    subclasses: bool = False        # also match subclasses (they must keep the same forward)
+    # transformer_options["patches"] kinds that the forward applies between blocks (added
+    # residuals the stack forecast would count twice): present -> output level for that run
+    between_block_patches: tuple = ()
+    # whether the cache is driven from APPLY_MODEL (the forward has no DIFFUSION_MODEL hook)
+    apply_model_level: bool = False
+    notes: str = field(default="", compare=False)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("chroma", ("comfy.ldm.chroma.model.Chroma",),
+           (BlockList("double_block", "double_blocks", ("img", "txt"), skip_attr="skip_mmdit"),
+            BlockList("single_block", "single_blocks", ("img",), skip_attr="skip_dit")),
+           subclasses=True, notes="Chroma, Chroma Radiance"),
+    Family("flux", ("comfy.ldm.flux.model.Flux",),
+           (BlockList("double_block", "double_blocks", ("img", "txt")),
+            BlockList("single_block", "single_blocks", ("img",))),
+           subclasses=True, notes="FLUX.1 dev/schnell/Kontext/Fill, FLUX.2 (0.8.0)"),
+    Family("hunyuan_video", ("comfy.ldm.hunyuan_video.model.HunyuanVideo",),
+           (BlockList("double_block", "double_blocks", ("img", "txt")),
+            BlockList("single_block", "single_blocks", ("img",))),
+           subclasses=True, notes="HunyuanVideo, HunyuanVideo 1.5 (0.8.0), HunyuanImage 2.1"),
+    # Single-stream blocks under "double_block" keys; the text context is read, not changed.
+    Family("wan", ("comfy.ldm.wan.model.WanModel",),
+           (BlockList("double_block", "blocks", ("img",)),),
+           notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint; VACE, camera, S2V and HuMo subclasses add "
+                 "features between blocks and stay at output level"),
+    Family("qwen_image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+           (BlockList("double_block", "transformer_blocks", ("img", "txt")),),
+           between_block_patches=("double_block",),
+           notes="Qwen-Image, Qwen-Image-Edit (reference-image tokens ride in img)"),
+    Family("ltxv", ("comfy.ldm.lightricks.model.LTXVModel",),
+           (BlockList("double_block", "transformer_blocks", ("img",)),)),
+    # MMDiT's last block is "context pre-only": it returns no text stream.
+    Family("sd3", ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
+           (BlockList("double_block", "joint_blocks", ("img", "txt"), last_carries=("img",)),),
+           apply_model_level=True, notes="SD3, SD3.5 (no DIFFUSION_MODEL hook: driven from APPLY_MODEL)"),
+)
+
+# Families whose forward calls no block patches (checked in the test suite against the
+# running ComfyUI): the cache forecasts their output as a whole.
+OUTPUT_LEVEL = {
+    "comfy.ldm.lumina.model.NextDiT": "Lumina 2, Z-Image (0.8.0), NetaYume",
+    "comfy.ldm.hidream.model.HiDreamImageTransformer2DModel": "HiDream",
+    "comfy.ldm.cosmos.predict2.MiniTrainDIT": "Cosmos Predict2",
+    "comfy.ldm.omnigen.omnigen2.OmniGen2Transformer2DModel": "OmniGen2",
+    # Its forward does call block patches, but ComfyUI 0.8.0's own patch path is broken: the
+    # original block it hands to a patch calls TransformerDecoderBlock.forward(x=...), whose
+    # parameter is named visual_embed, so any dit block patch raises a TypeError there.
+    "comfy.ldm.kandinsky5.model.Kandinsky5": "Kandinsky 5 (0.8.0; its block-patch path raises in ComfyUI itself)",
+}
+
+
+def _class_paths(obj, subclasses: bool) -> set:
+    mro = type(obj).__mro__ if subclasses else (type(obj),)
+    return {f"{c.__module__}.{c.__qualname__}" for c in mro}
+
+
+def family_of(diffusion_model) -> Family | None:
+    for fam in FAMILIES:
+        if _class_paths(diffusion_model, fam.subclasses) & set(fam.classes):
+            return fam
+    return None
+
+
+def block_plan(diffusion_model, fam: Family) -> list:
+    """[(key, carried tensors), ...] in execution order, skipped blocks left out."""
+    blocks = []
+    for bl in fam.blocks:
+        skip = set(getattr(diffusion_model, bl.skip_attr, None) or []) if bl.skip_attr else set()
+        for i in range(len(getattr(diffusion_model, bl.attr, None) or [])):
+            if i not in skip:
+                blocks.append(((bl.kind, i), bl.carries))
+    if blocks and fam.blocks[-1].last_carries is not None:
+        key, _ = blocks[-1]
+        blocks[-1] = (key, fam.blocks[-1].last_carries)
+    return blocks

@@ -1,0 +1,138 @@
+"""Every family in nodes/families.py through ComfyUI's real sampler, with ComfyUI's own model
+class at a tiny size: threshold 0 is bit-identical, forecasts are verified at block level,
+compute drops, a threshold no forecast meets is bit-identical too (every probed forecast
+recomputed), and nothing stays in memory. Families that only exist in newer ComfyUI run
+where it has them; output-level families are checked to still lack block patches."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from benchmarks import comfy_env
+from benchmarks import tiny_models as tm
+
+pytestmark = pytest.mark.comfy
+
+# tiny config -> family it must be recognised as
+BLOCK_LEVEL = {"wan21": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
+               "hunyuan_video15": "hunyuan_video", "flux2": "flux"}
+OUTPUT_LEVEL = ["lumina2", "kandinsky5"]
+
+
+def cached(spec_nodes, model, **settings):
+    return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
+
+
+def _need(name):
+    if not tm.available(name):
+        pytest.skip(f"{name} is not in ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
+
+
+def _live_tensors():
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", list(BLOCK_LEVEL))
+def test_family_forecasts_and_verifies_at_block_level(spec_nodes, stats_log, name):
+    _need(name)
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    m = tm.build(name, seed=3)
+    adapter = adapters.select_adapter(m.get_model_object("diffusion_model"))
+    assert adapter.mode == "stack" and adapter.family == BLOCK_LEVEL[name]
+    steps = 12
+    ref = tm.sample(m, name, steps=steps)
+    assert torch.isfinite(ref).all()
+    assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0), name, steps=steps), ref)
+    assert stats_log[-1]["compute_fraction"] == 1.0
+
+    pm = cached(spec_nodes, m, threshold=5.0)
+    tm.sample(pm, name, steps=steps)                  # lazy allocations happen once
+    before = _live_tensors()
+    out = tm.sample(pm, name, steps=steps)
+    s = stats_log[-1]
+    assert s["mode"] == "stack" and not s["internal_error"]
+    assert s["verified"] > 0 and s["forecast"] > 0 and s["compute_fraction"] < 0.8
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    del out
+    assert _live_tensors() == before                 # nothing cached survives the run
+
+    strict = tm.sample(cached(spec_nodes, m, threshold=1e-9), name, steps=steps)
+    s = stats_log[-1]
+    assert torch.equal(strict, ref) and s["rejected"] == s["verified"] >= 1
+
+
+@pytest.mark.parametrize("name", OUTPUT_LEVEL)
+def test_families_without_block_patches_forecast_the_output(spec_nodes, stats_log, name):
+    _need(name)
+    m = tm.build(name, seed=3)
+    ref = tm.sample(m, name, steps=12)
+    assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0), name, steps=12), ref)
+    out = tm.sample(cached(spec_nodes, m, threshold=5.0), name, steps=12)
+    s = stats_log[-1]
+    assert s["mode"] == "output" and s["forecast"] > 0 and not s["internal_error"]
+    assert torch.isfinite(out).all()
+
+
+def test_the_registry_matches_the_running_comfyui(spec_nodes):
+    """Each block-level family's forward still calls its block patches with the keys the
+    registry names; each output-level one still does not (or, Kandinsky 5, still breaks)."""
+    families = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.families")
+
+    def cls(path):
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+
+    checked = 0
+    for fam in families.FAMILIES:
+        for path in fam.classes:
+            c = cls(path)
+            assert c is not None, f"{path} is gone"
+            source = "".join(inspect.getsource(k) for k in c.__mro__ if k.__module__.startswith("comfy."))
+            for bl in fam.blocks:
+                assert f'("{bl.kind}", i)' in source, f"{fam.name}: {path} no longer calls {bl.kind} patches"
+                for t in bl.carries:
+                    assert f'out["{t}"]' in source, f"{fam.name}: {path} no longer reads {t!r} from its patches"
+            checked += 1
+    assert checked == len(families.FAMILIES)
+    for path in families.OUTPUT_LEVEL:
+        c = cls(path)
+        if c is None:
+            continue   # newer than this ComfyUI
+        source = inspect.getsource(importlib.import_module(c.__module__))
+        if "kandinsky5" in path:
+            assert 'block(x=args["x"]' in source, "Kandinsky 5's block-patch path changed: try it at block level"
+        else:
+            assert "blocks_replace" not in source, f"{path} now calls block patches: add it to FAMILIES"
+
+
+def test_a_between_block_patch_keeps_qwen_image_at_output_level(spec_nodes, stats_log, caplog):
+    """Qwen-Image applies transformer_options["patches"]["double_block"] after every block
+    (model patches such as its ControlNet-style patches add features there): a stage
+    forecast would count them twice, so such a run forecasts the output."""
+    m = tm.build("qwen_image", seed=3).clone()
+    seen = []
+
+    def between(args):
+        seen.append(1)
+        return {"img": args["img"], "txt": args["txt"]}
+
+    m.set_model_patch(between, "double_block")
+    ref = tm.sample(m, "qwen_image", steps=10)
+    with caplog.at_level("WARNING", logger="speculative_cache"):
+        out = tm.sample(cached(spec_nodes, m, threshold=5.0), "qwen_image", steps=10)
+    s = stats_log[-1]
+    assert seen and s["mode"] == "output" and s["verified"] == 0 and s["forecast"] > 0
+    assert any("between qwen_image blocks" in r.message for r in caplog.records)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
