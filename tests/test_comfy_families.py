@@ -136,3 +136,47 @@ def test_a_between_block_patch_keeps_qwen_image_at_output_level(spec_nodes, stat
     assert seen and s["mode"] == "output" and s["verified"] == 0 and s["forecast"] > 0
     assert any("between qwen_image blocks" in r.message for r in caplog.records)
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def _two_experts(spec_nodes, high, low, steps, switch, **settings):
+    """Wan 2.2's official graph: the high-noise expert runs steps [0, switch) and returns its
+    leftover noise, the low-noise expert finishes [switch, steps), each through its own
+    KSamplerAdvanced, each with its own Speculative Cache node when ``settings``."""
+    import nodes
+    if settings:
+        high, low = cached(spec_nodes, high, **settings), cached(spec_nodes, low, **settings)
+    pos, neg = tm.conditioning("wan22")
+    lat = {"samples": tm.latent("wan22")}
+    ks = nodes.KSamplerAdvanced()
+    (mid,) = ks.sample(high, "enable", 5, steps, 3.0, "euler", "simple", pos, neg, lat, 0, switch, "enable")
+    (out,) = ks.sample(low, "disable", 5, steps, 3.0, "euler", "simple", pos, neg, mid, switch, 10000, "disable")
+    return out["samples"]
+
+
+def test_wan22_two_experts_each_forecast_only_their_own_part(spec_nodes, stats_log):
+    high, low = tm.build("wan22", seed=3), tm.build("wan22", seed=4)
+    steps, switch = 16, 8
+    ref = _two_experts(spec_nodes, high, low, steps, switch)
+    assert torch.equal(_two_experts(spec_nodes, high, low, steps, switch, threshold=0.0), ref)
+    n = len(stats_log)
+    out = _two_experts(spec_nodes, high, low, steps, switch, threshold=5.0)
+    first, second = stats_log[n:n + 2]
+    # each run counts only the steps it samples, and starts from no history: its own warm-up
+    assert first["steps"] == switch and second["steps"] == steps - switch
+    assert len(first["timeline"]) == switch and len(second["timeline"]) == steps - switch
+    assert first["timeline"].startswith("CCC") and second["timeline"].startswith("CCC")
+    assert first["forecast"] > 0 and second["forecast"] > 0 and first["verified"] > 0 and second["verified"] > 0
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_partial_denoise_counts_only_the_steps_it_runs(spec_nodes, stats_log):
+    import nodes
+    m = tm.build("wan21", seed=3)
+    pos, neg = tm.conditioning("wan21")
+    lat = {"samples": torch.randn(tm.latent("wan21").shape, generator=torch.Generator().manual_seed(2))}
+    (ref,) = nodes.KSampler().sample(m, 3, 10, 2.0, "euler", "simple", pos, neg, lat, denoise=0.5)
+    (out,) = nodes.KSampler().sample(cached(spec_nodes, m, threshold=5.0), 3, 10, 2.0, "euler", "simple",
+                                     pos, neg, lat, denoise=0.5)
+    s = stats_log[-1]
+    assert s["steps"] == 10 and len(s["timeline"]) == 10 and "." not in s["timeline"] and s["forecast"] > 0
+    assert ((out["samples"] - ref["samples"]).norm() / ref["samples"].norm()).item() < 0.05

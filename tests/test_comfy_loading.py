@@ -69,10 +69,10 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
         assert by_id[src]["outputs"][sslot]["type"] == typ
         assert by_id[dst]["inputs"][dslot]["type"] == typ
         assert by_id[dst]["inputs"][dslot]["link"] == link_id
-    # Speculative Cache sits between the model loader and the sampler
-    sc = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCache")
-    downstream = {by_id[dst]["type"] for _, src, _, dst, _, _ in wf["links"] if src == sc["id"]}
-    assert downstream == {"KSampler"}
+    # Every Speculative Cache sits between a model loader and a sampler
+    for sc in (n for n in wf["nodes"] if n["type"] == "SpeculativeCache"):
+        downstream = {by_id[dst]["type"] for _, src, _, dst, _, _ in wf["links"] if src == sc["id"]}
+        assert downstream in ({"KSampler"}, {"KSamplerAdvanced"})
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

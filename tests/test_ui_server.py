@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -85,12 +86,39 @@ def test_threshold_zero_reports_every_step_computed(server):
     assert final[-1]["timeline"] == "C" * 8 and final[-1]["forecast"] == 0
 
 
+WORKFLOWS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+
+
 def test_example_workflows_are_served_as_templates(server):
     templates = server.get("/workflow_templates")
     ours = templates.get("speculative-cache")
-    assert sorted(ours) == ["flux_dev_text_to_image", "hunyuan_video_text_to_video"]
+    assert sorted(ours) == WORKFLOWS
+    assert {"wan22_text_to_video_two_experts", "qwen_image_text_to_image"} <= set(ours)
     wf = server.get("/api/workflow_templates/speculative-cache/flux_dev_text_to_image.json")
     assert any(n["type"] == "SpeculativeCache" for n in wf["nodes"])
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_every_node_and_input_of_a_template_exists_on_the_server(server, name):
+    """Through the real server's /object_info: every node type a shipped workflow uses exists,
+    every linked input is one of its inputs with the same type, and it has as many widget
+    values as the node has widgets (combos, numbers, strings, a seed's control widget)."""
+    info = server.get("/object_info")
+    wf = server.get(f"/api/workflow_templates/speculative-cache/{name}.json")
+    assert any(n["type"] == "SpeculativeCache" for n in wf["nodes"])
+    for node in wf["nodes"]:
+        assert node["type"] in info, f"{name}: no node type {node['type']} on this ComfyUI"
+        spec = info[node["type"]]["input"]
+        inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+        for inp in node["inputs"]:
+            assert inp["name"] in inputs, (name, node["type"], inp["name"])
+            assert inputs[inp["name"]][0] == inp["type"], (name, node["type"], inp["name"])
+        widgets = 0
+        for n, entry in inputs.items():
+            typ, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                widgets += 1 + bool(opts.get("control_after_generate"))
+        assert len(node["widgets_values"]) == widgets, (name, node["type"], node["widgets_values"])
 
 
 def test_web_extension_is_served(server):
