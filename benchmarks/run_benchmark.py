@@ -49,6 +49,43 @@ class Workload:
 
 
 # ---- methods --------------------------------------------------------------------------
+def focus_grid(plan) -> list[Method]:
+    """The rows that decide the defaults: the node as dropped into a graph, SpeCa's threshold
+    on both acceptance metrics, a threshold so strict that every forecast fails (the
+    back-off's cost bound), the fixed-interval TaylorSeer it must beat, and the peers."""
+    nodes = comfy_env.pack_nodes()
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from .baselines import apply_fbcache
+
+    def ours(**kw):
+        return lambda m: nodes.SpeculativeCache.execute(m, **kw).result[0]
+
+    def easy(cls, th):
+        return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
+                                     verbose=False).result[0]
+
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
+    for th in (0.05, 0.1, 0.2, 0.3, 0.5):
+        grid.append(Method("speca", {"threshold": th}, ours(threshold=th)))
+    for th in (0.2, 0.35, 0.5, 0.7):
+        grid.append(Method("speca", {"metric": "relative_change", "threshold": th},
+                           ours(metric="relative_change", threshold=th)))
+    grid.append(Method("speca", {"threshold": 1e-4, "note": "every forecast fails"}, ours(threshold=1e-4)))
+    for n in (2, 3, 4, 6):
+        grid.append(Method("taylorseer", {"interval": n, "order": 1},
+                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
+                                warmup_steps=3, final_full_steps=0)))
+    grid.append(Method("reuse", {"interval": 2}, ours(preset="custom", method="reuse", max_forecast_steps=1,
+                                                      warmup_steps=3, final_full_steps=0)))
+    if plan is not None:
+        for th in (0.1, 0.2):
+            grid.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
+    for th in (0.2, 0.5):
+        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
+        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    return grid
+
+
 def method_grid(quick: bool, plan) -> list[Method]:
     nodes = comfy_env.pack_nodes()
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
@@ -61,7 +98,7 @@ def method_grid(quick: bool, plan) -> list[Method]:
         return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
                                      verbose=False).result[0]
 
-    grid = [Method("none", {}, lambda m: m)]
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
     intervals = [3, 5] if quick else [2, 3, 4, 5, 6]
     for n in intervals:   # FORA: reuse at a fixed interval n (n-1 reused steps per computed one)
         grid.append(Method("reuse", {"interval": n}, ours(preset="custom", method="reuse", max_forecast_steps=n - 1,
@@ -220,15 +257,19 @@ FLUX_BLOCKS = 57   # FLUX.1: 19 double + 38 single blocks
 
 
 def benchmark(workload: Workload, quick: bool, plan, log=print, timing_samples: int = 3,
-              timing_repeats: int = 3) -> dict:
+              timing_repeats: int = 3, grid=None) -> dict:
     probe = Probe(workload)
-    grid = method_grid(quick, plan)
+    grid = method_grid(quick, plan) if grid is None else grid
+    started = time.perf_counter()
     # warm-up (allocator, lazy init) so the first timed row is not penalised
     run_method(Workload(**{**workload.__dict__, "samples": workload.samples[:1]}), grid[0], probe)
     base, images_ref = run_method(workload, grid[0], probe)
     rows = []
     n_samples = len(workload.samples)
-    for method in grid:
+    for i, method in enumerate(grid):
+        if i:
+            left = (time.perf_counter() - started) / i * (len(grid) - i)
+            log(f"[{i + 1}/{len(grid)}] about {left / 60:.0f} min left")
         row, _ = run_method(workload, method, probe, images_ref)
         row["compute_fraction"] = row["macs"] / base["macs"]
         t_base, t_method = time_against_base(workload, method, timing_samples, timing_repeats)
@@ -256,17 +297,18 @@ def benchmark(workload: Workload, quick: bool, plan, log=print, timing_samples: 
 
 
 # ---- workloads ------------------------------------------------------------------------
-def reference_workload(n_samples: int, steps: int, cfg: float) -> Workload:
+def reference_workload(n_samples: int, steps: int, cfg: float, name: str = "reference") -> Workload:
     from . import reference_model as rm
-    model = rm.load_reference()
+    model = rm.load_reference(name)
     samples = []
     for i in range(n_samples):
         label = i % len(rm.CLASSES)
         samples.append((rm.conditioning(label), rm.conditioning(rm.NULL_CLASS), 1000 + i))
-    return Workload("reference_flux_tiny", model, samples, (1, 16, 32, 32), steps=steps, cfg=cfg,
-                    decode=lambda s: rm.decode(s),
-                    info={"weights": str(rm.WEIGHTS.relative_to(comfy_env.PACK_ROOT)),
-                          "classes": rm.CLASSES, "unet_config": rm.UNET_CONFIG})
+    weights = rm.model_files(name)[0]
+    return Workload("reference_flux_tiny" if name == "reference" else f"{name}_flux_tiny", model, samples,
+                    (1, 16, 32, 32), steps=steps, cfg=cfg, decode=lambda s: rm.decode(s),
+                    info={"weights": str(weights.relative_to(comfy_env.PACK_ROOT)),
+                          "classes": rm.CLASSES, "unet_config": rm.MODELS[name]["unet"]})
 
 
 def recipe_workload(path: Path) -> Workload:
@@ -351,6 +393,8 @@ def markdown(result) -> str:
     front = {id(r) for r in pareto(result["rows"])}
     for r in sorted(result["rows"], key=lambda r: (r["method"], -r["compute_fraction"])):
         s = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "note") or "-"
+        if r["settings"].get("defaults"):
+            s = "**the node as dropped into a graph (every input at its default)**"
         mark = " **(Pareto)**" if id(r) in front and r["method"] != "none" else ""
         lines.append(f"| {r['method']}{mark} | {s} | {r['compute_fraction']:.3f} | "
                      f"{r['compute_fraction_at_flux_depth']:.3f} | {r['speedup']:.2f}x | "
@@ -393,7 +437,12 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cfg", type=float, default=2.0)
-    ap.add_argument("--out", default=None, help="output name (default: reference or the recipe's name)")
+    ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
+    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--grid", choices=["full", "focus"], default="full",
+                    help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers")
+    ap.add_argument("--timing-samples", type=int, default=3)
+    ap.add_argument("--timing-repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
     if comfy_env.find_comfyui() is None:
@@ -405,10 +454,15 @@ def main(argv=None) -> int:
         workload = recipe_workload(Path(args.recipe))
     else:
         n = 4 if args.quick else args.samples
-        workload = reference_workload(n, args.steps, args.cfg)
-    name = args.out or (workload.name if args.recipe else ("reference_quick" if args.quick else "reference"))
-    print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}")
-    result = benchmark(workload, args.quick, block_plan(workload.model))
+        workload = reference_workload(n, args.steps, args.cfg, args.model)
+    name = args.out or (workload.name if args.recipe else (f"{args.model}_quick" if args.quick else args.model))
+    print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}, "
+          f"ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
+    plan = block_plan(workload.model)
+    grid = focus_grid(plan) if args.grid == "focus" else None
+    result = benchmark(workload, args.quick, plan, timing_samples=args.timing_samples,
+                       timing_repeats=args.timing_repeats, grid=grid)
+    result["comfyui"] = comfy_env.comfyui_version(comfy_env.find_comfyui())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(result))

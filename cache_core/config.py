@@ -9,7 +9,7 @@ METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
 FORECASTERS = ("taylor", "hicache", "foca")
 TIME_AXES = ("sigma", "step")
-METRICS = ("relative_norm", "relative_l1")
+METRICS = ("relative_norm", "relative_l1", "relative_change")
 ON_REJECT = ("redo", "next")
 
 

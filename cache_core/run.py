@@ -159,12 +159,21 @@ class Chunk:
         b = self.run.cache_bytes()
         self.run.stats.peak_cache_bytes = max(self.run.stats.peak_cache_bytes, b)
 
-    def verify(self, pred: torch.Tensor, real: torch.Tensor) -> bool:
-        """Per-stream errors; the chunk passes only if every stream passes."""
+    def anchor(self, name: str) -> torch.Tensor:
+        """The value of ``name`` at each stream's last computed point (its forecast anchor)."""
+        parts = [s.forecasters[name].get_anchor() for s in self.streams()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def verify(self, pred: torch.Tensor, real: torch.Tensor, feature: str | None = None) -> bool:
+        """Per-stream errors; the chunk passes only if every stream passes. ``feature``: the
+        name of the verified feature (the metric relative_change compares with its anchor)."""
         run = self.run
         ok = True
-        for p, r in zip(self.split(pred), self.split(real)):
-            err = run.verifier.error(p, r)
+        anchors = [None] * len(self.keys)
+        if run.verifier.needs_anchor and feature is not None:
+            anchors = self.split(self.anchor(feature))
+        for p, r, a in zip(self.split(pred), self.split(real), anchors):
+            err = run.verifier.error(p, r, a)
             self.errors.append(err)
             ok = ok and run.verifier.accepts(err, run.progress)
         tau = run.verifier.threshold_at(run.progress)

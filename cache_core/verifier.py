@@ -24,7 +24,22 @@ def relative_norm(pred: torch.Tensor, real: torch.Tensor, eps: float = 1e-12) ->
     return float(torch.linalg.vector_norm(p - r) / (torch.linalg.vector_norm(r) + eps))
 
 
-_METRICS = {"relative_l1": relative_l1, "relative_norm": relative_norm}
+def relative_change(pred: torch.Tensor, real: torch.Tensor, anchor: torch.Tensor, floor: float = 1e-3) -> float:
+    """How much of the feature's movement since the last computed step the forecast missed:
+    ||pred - real|| / ||real - anchor||, the anchor being the value at that step. Reusing
+    the anchor scores exactly 1 at any scale, so the threshold means the same on models
+    whose features have other scales and speeds (0.3 = the forecast is 3x closer than
+    reuse). A feature that barely moved (under ``floor`` of its norm) counts as having
+    moved ``floor``, so a near-still feature does not turn every tiny error into a
+    rejection."""
+    p, r, a = pred.float(), real.float(), anchor.float()
+    moved = torch.linalg.vector_norm(r - a)
+    floor_norm = floor * torch.linalg.vector_norm(r)
+    return float(torch.linalg.vector_norm(p - r) / (torch.maximum(moved, floor_norm) + 1e-12))
+
+
+_METRICS = {"relative_l1": relative_l1, "relative_norm": relative_norm, "relative_change": relative_change}
+NEEDS_ANCHOR = {"relative_change"}
 
 
 class Verifier:
@@ -43,7 +58,15 @@ class Verifier:
         p = min(max(float(progress), 0.0), 1.0)
         return max(self.threshold * self.decay ** p, self.floor)
 
-    def error(self, pred: torch.Tensor, real: torch.Tensor) -> float:
+    @property
+    def needs_anchor(self) -> bool:
+        return self.metric_name in NEEDS_ANCHOR
+
+    def error(self, pred: torch.Tensor, real: torch.Tensor, anchor: torch.Tensor | None = None) -> float:
+        if self.needs_anchor:
+            if anchor is None or anchor.shape != real.shape:
+                return float("inf")     # cannot be judged: a rejection
+            return self.metric(pred, real, anchor)
         return self.metric(pred, real)
 
     def accepts(self, error: float, progress: float) -> bool:

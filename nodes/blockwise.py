@@ -157,7 +157,7 @@ class BlockwiseCall:
             name = "total" if key[0] == "single_block" else "img_mlp"
             real = got.get(name)
             pred = None if real is None else self._pred(key, name, real)
-            if pred is not None and not self.chunk.verify(pred, real):
+            if pred is not None and not self.chunk.verify(pred, real, self.feature(key, name)):
                 self.rejected = True
             return out
         if key[0] == "single_block":

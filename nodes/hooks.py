@@ -444,7 +444,7 @@ class BlockCall:
             if pred is None:
                 return out
             real = out[t0] - inputs[t0]
-            if not self.chunk.verify(pred[t0], real):
+            if not self.chunk.verify(pred[t0], real, stage.feature(t0)):
                 self.rejected = True
             return out
         if not first:

@@ -68,7 +68,9 @@ INPUTS = [
     io.Combo.Input(
         "metric", options=list(METRICS), default=_D.metric,
         tooltip="relative_norm: ||forecast - real|| / ||real||. relative_l1: the SpeCa paper's "
-                "element-wise relative L1 (its FLUX base threshold is 7.0)."),
+                "element-wise relative L1 (its FLUX base threshold is 7.0). relative_change: the part of "
+                "the feature's movement since the last computed step that the forecast missed (reuse "
+                "scores 1; the same threshold means the same on any model's scale)."),
     _slider_float("threshold_decay", _D.threshold_decay, 0.01, 1.0, 0.01,
                   "The threshold is multiplied by decay^progress along the schedule (stricter late "
                   "in sampling); 1 keeps it constant."),

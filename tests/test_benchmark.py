@@ -135,6 +135,7 @@ def test_quick_benchmark_end_to_end(spec_nodes, tmp_path):
     rows = result["rows"]
     methods = {r["method"] for r in rows}
     assert methods == {"none", "reuse", "fbcache", "easycache", "lazycache", "taylorseer", "speca"}
+    assert [r["method"] for r in rows if r["settings"].get("defaults")] == ["speca"]   # the node as dropped in
     none = next(r for r in rows if r["method"] == "none")
     assert none["compute_fraction"] == pytest.approx(1.0) and none["psnr_db"] == 100.0 and none["ssim"] == 1.0
     for r in rows:

@@ -462,3 +462,37 @@ def test_paper_presets_keep_the_papers_schedule_without_backoff(core):
     presets = import_module(core.__name__ + ".presets")
     cfg = presets.resolve_settings("paper_flux", "flux", {"threshold": 7.0}, {})
     assert cfg.backoff is False and cfg.max_overhead == float("inf")
+
+
+def test_relative_change_is_one_for_reuse_at_any_scale_and_rejects_without_anchor(core):
+    from importlib import import_module
+    verifier = import_module(core.__name__ + ".verifier")
+    g = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 16, 8, generator=g)
+    real = anchor + 0.1 * torch.randn(2, 16, 8, generator=g)
+    for scale in (1e-3, 1.0, 1e3):
+        assert verifier.relative_change(anchor * scale, real * scale, anchor * scale) == pytest.approx(1.0, rel=1e-5)
+        half = anchor + 0.5 * (real - anchor)
+        assert verifier.relative_change(half * scale, real * scale, anchor * scale) == pytest.approx(0.5, rel=1e-5)
+    # a feature that did not move: the floor (0.1 % of its norm) keeps tiny errors acceptable
+    tiny = real + 1e-5 * torch.randn(2, 16, 8, generator=g)
+    assert verifier.relative_change(tiny, real, real) < 0.1
+    v = core.Verifier("relative_change", 0.5)
+    assert v.error(real, real, None) == float("inf") and not v.accepts(v.error(real, real, None), 0.0)
+
+
+def test_chunk_verifies_relative_change_against_each_streams_anchor(core):
+    cfg = core.CacheConfig(metric="relative_change", threshold=0.5)
+    run = core.SpeculativeRun(cfg, 10)
+    run.begin_evaluation(1.0, 0)
+    chunk = run.chunk(["a", "b"], 2, units_full=2)
+    anchor = torch.stack([torch.zeros(4), torch.ones(4) * 100])
+    chunk.record({"f": anchor})
+    run.begin_evaluation(0.9, 1)
+    chunk = run.chunk(["a", "b"], 2, units_full=2)
+    real = anchor + torch.tensor([[1.0], [1.0]])
+    pred = anchor + torch.tensor([[0.8], [0.8]])      # misses 20 % of each stream's move
+    assert chunk.verify(pred, real, "f")
+    assert run.stats.errors[-1][2] == pytest.approx(0.2, rel=1e-5)
+    bad = anchor + torch.tensor([[0.8], [0.0]])       # stream b missed all of it
+    assert not chunk.verify(bad, real, "f")
