@@ -72,7 +72,12 @@ def main(argv=None) -> int:
     labels = list(range(len(rm.CLASSES)))
     seeds = [7000 + i for i in labels]
     run = lambda m: rm.sample(m, labels, seeds, steps=args.steps)  # noqa: E731
+    started = time.perf_counter()
     rm.sample(model, labels[:1], seeds[:1], steps=args.steps)      # warm-up
+    one = time.perf_counter() - started
+    estimate = one * len(labels) * args.repeats * 2 * 1.6         # both runs + the video part
+    print(f"[1/2] reference model: {len(labels)} samples x {args.repeats} repeats, uncached then cached "
+          f"(about {estimate / 60:.1f} min in all)", flush=True)
     ref, t_ref = timed(lambda: run(model), args.repeats)
     n0 = len(stats)
     out, t_cache = timed(lambda: run(patched), args.repeats)
@@ -90,6 +95,7 @@ def main(argv=None) -> int:
     print(f"  side by side: {folder / 'demo.png'}")
 
     # 2. HunyuanVideo path at a small size (random weights)
+    print(f"[2/2] HunyuanVideo class, small, random weights ({time.perf_counter() - started:.0f} s so far)", flush=True)
     spec = dict(tm.CONFIGS["hunyuan_video"])
     spec["unet"] = {**spec["unet"], **dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=3,
                                            depth_single_blocks=6)}

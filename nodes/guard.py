@@ -30,3 +30,15 @@ def fail(ctx, where: str, exc: Exception) -> None:
         stats.internal_error = reason[:500]
     ctx.active = None
     ctx.run.close()
+
+
+def cached_call(ctx, executor, args, kwargs, call):
+    """``call()`` (the cache's handling of one model call); on any error but an interrupt,
+    give up caching for the run and make the same model call uncached."""
+    try:
+        return call()
+    except Exception as e:
+        if is_interrupt(e):
+            raise
+        fail(ctx, "model call", e)
+        return executor(*args, **kwargs)

@@ -221,15 +221,10 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
 def diffusion_model_wrapper(executor, *args, **kwargs):
     to = find_transformer_options(args, kwargs)
     ctx = _run_context(to)
-    if ctx is None or ctx.run.decision is None:
+    if ctx is None or ctx.run.decision is None or ctx.adapter.apply_model_level:
         return executor(*args, **kwargs)
-    try:
-        return _cached_model_call(ctx, executor, args, kwargs, to)
-    except Exception as e:
-        if guard.is_interrupt(e):
-            raise
-        guard.fail(ctx, "model call", e)
-        return executor(*args, **kwargs)
+    return guard.cached_call(ctx, executor, args, kwargs,
+                             lambda: _cached_model_call(ctx, executor, args, kwargs, to))
 
 
 def _cached_model_call(ctx, executor, args, kwargs, to):
@@ -278,15 +273,11 @@ def apply_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if ctx.adapter.apply_model_level:
         # A family whose forward has no DIFFUSION_MODEL hook but calls block patches (SD3).
-        try:
+        def call():
             if _stack_usable(ctx, executor.class_obj, args, kwargs, to):
                 return _stack_forward(ctx, executor, args, kwargs, to)
             return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
-        except Exception as e:
-            if guard.is_interrupt(e):
-                raise
-            guard.fail(ctx, "model call", e)
-            return executor(*args, **kwargs)
+        return guard.cached_call(ctx, executor, args, kwargs, call)
     ctx.apply_model_calls += 1
     if ctx.apply_model_calls == 1:
         out = executor(*args, **kwargs)
@@ -299,13 +290,8 @@ def apply_model_wrapper(executor, *args, **kwargs):
             except Exception as e:
                 guard.fail(ctx, "model output", e)
         return out
-    try:
-        return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
-    except Exception as e:
-        if guard.is_interrupt(e):
-            raise
-        guard.fail(ctx, "model call", e)
-        return executor(*args, **kwargs)
+    return guard.cached_call(ctx, executor, args, kwargs,
+                             lambda: _output_forward(ctx, executor, args, kwargs, to, "apply_out"))
 
 
 def _stream_keys(to, batch):
