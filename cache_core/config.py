@@ -36,6 +36,11 @@ class CacheConfig:
     # the next attempts wait 1, 3, 7, ... steps. The paper presets turn both off.
     max_overhead: float = 0.02
     backoff: bool = True
+    # Weight the acceptance by the step's size in sigma: a forecast's error moves the sample
+    # by about (sigma_k - sigma_k+1) x error, so the threshold of step k is multiplied by
+    # mean step / step k (clamped to [1/4, 4]): lenient where the sampler takes small steps,
+    # strict on the large final ones (benchmarks/diagnose_schedule.py measured this).
+    step_weighting: bool = False
     # "stack": forecast the residual of each block stage (small memory). "block": forecast
     # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
     granularity: str = "stack"

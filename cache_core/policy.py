@@ -33,7 +33,7 @@ class Policy:
     allowed while ``start_time >= t > end_time``."""
 
     def __init__(self, config: CacheConfig, total_steps: int,
-                 start_time: float = float("inf"), end_time: float = float("-inf"), threshold_at=None):
+                 start_time: float = float("inf"), end_time: float = float("-inf"), threshold_for=None):
         self.config = config
         self.total_steps = max(int(total_steps), 1)
         self.start_time = float(start_time)
@@ -41,7 +41,7 @@ class Policy:
         self.forecasts_since_full = 0
         self.force_full_next = False
         self.last_full = False
-        self.threshold_at = threshold_at or (lambda progress: config.threshold)
+        self.threshold_for = threshold_for or (lambda step_index: config.threshold)   # step -> tau
         # Error prediction (our extension of SpeCa): the verification error of a forecast
         # grows with its distance d to the last computed step, roughly as d^g. From the
         # last verified error of this run of forecasts, the next one is predicted; a step
@@ -95,7 +95,7 @@ class Policy:
                 return full("budget")
         if c.predict_errors and verify:
             predicted = self.predicted_error(self.forecasts_since_full + 1)
-            tau = self.threshold_at(self.progress(step_index))
+            tau = self.threshold_for(step_index)
             # Only a prediction from this run of forecasts may refuse one (the error at d = 1
             # is always measured again, or the cache could never recover from a bad start).
             if predicted is not None and predicted > tau and self.last_verified is not None:

@@ -16,14 +16,27 @@ from .stats import COMPUTED, FORECAST, REJECTED, RunStats
 from .verifier import Verifier
 
 
+def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
+    """Per sampler step: mean step size / this step's size in sigma, clamped to
+    [1/clamp, clamp]. A velocity error e at step k moves the sample by about
+    (sigma_k - sigma_k+1) * e, so equal scaled thresholds mean equal effect on the sample."""
+    s = [float(x) for x in sigmas]
+    sizes = [abs(a - b) for a, b in zip(s[:-1], s[1:])]
+    if not sizes:
+        return []
+    mean = sum(sizes) / len(sizes)
+    return [min(max(mean / d, 1.0 / clamp), clamp) if d > 0 else clamp for d in sizes]
+
+
 class SpeculativeRun:
     def __init__(self, config: CacheConfig, total_steps: int, *,
                  start_time: float = float("inf"), end_time: float = float("-inf"),
-                 mode: str = ""):
+                 mode: str = "", sigmas=None):
         self.config = config
         self.verifier = Verifier(config.metric, config.threshold,
                                  config.threshold_decay, config.threshold_floor)
-        self.policy = Policy(config, total_steps, start_time, end_time, self.verifier.threshold_at)
+        self.step_scales = step_scales(sigmas) if (config.step_weighting and sigmas is not None) else None
+        self.policy = Policy(config, total_steps, start_time, end_time, self.threshold)
         self.streams: dict = {}
         self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps),
                               on_reject=config.on_reject)
@@ -55,6 +68,15 @@ class SpeculativeRun:
     @property
     def progress(self) -> float:
         return self.policy.progress(self.step_index)
+
+    def threshold(self, step_index: int | None = None) -> float:
+        """The acceptance threshold of a step: the schedule's tau(progress), times the step's
+        weight when step_weighting is on."""
+        step = self.step_index if step_index is None else int(step_index)
+        tau = self.verifier.threshold_at(self.policy.progress(step))
+        if self.step_scales is not None and 0 <= step < len(self.step_scales):
+            tau *= self.step_scales[step]
+        return tau
 
     _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
 
@@ -172,11 +194,11 @@ class Chunk:
         anchors = [None] * len(self.keys)
         if run.verifier.needs_anchor and feature is not None:
             anchors = self.split(self.anchor(feature))
+        tau = run.threshold()
         for p, r, a in zip(self.split(pred), self.split(real), anchors):
             err = run.verifier.error(p, r, a)
             self.errors.append(err)
-            ok = ok and run.verifier.accepts(err, run.progress)
-        tau = run.verifier.threshold_at(run.progress)
+            ok = ok and run.verifier.accepts_below(err, tau)
         run.policy.record_error(max(self.errors))
         run.stats.verified += 1
         run.stats.errors.append((run.stats.evaluations - 1, run.time, max(self.errors), tau, ok))

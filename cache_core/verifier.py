@@ -71,7 +71,10 @@ class Verifier:
 
     def accepts(self, error: float, progress: float) -> bool:
         """A non-finite error, or any error at a zero threshold, is a rejection."""
-        tau = self.threshold_at(progress)
+        return self.accepts_below(error, self.threshold_at(progress))
+
+    @staticmethod
+    def accepts_below(error: float, tau: float) -> bool:
         if not math.isfinite(error) or tau <= 0.0:
             return False
         return error <= tau

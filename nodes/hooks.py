@@ -128,7 +128,8 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     start_time = float(model_sampling.percent_to_sigma(config.start_percent))
     end_time = float("-inf") if config.end_percent >= 1.0 else float(model_sampling.percent_to_sigma(config.end_percent))
     adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
-    run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode)
+    run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
+                         sigmas=[float(s) for s in sigmas])
     _warn_cache_memory(guider, adapter, config, args[0])
     return RunContext(settings, run, adapter, sigmas)
 

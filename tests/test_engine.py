@@ -496,3 +496,21 @@ def test_chunk_verifies_relative_change_against_each_streams_anchor(core):
     assert run.stats.errors[-1][2] == pytest.approx(0.2, rel=1e-5)
     bad = anchor + torch.tensor([[0.8], [0.0]])       # stream b missed all of it
     assert not chunk.verify(bad, real, "f")
+
+
+def test_step_weighting_scales_the_threshold_by_the_step_size(core):
+    from importlib import import_module
+    run_mod = import_module(core.__name__ + ".run")
+    sigmas = [1.0, 0.98, 0.94, 0.86, 0.7, 0.0]          # steps 0.02, 0.04, 0.08, 0.16, 0.7 (mean 0.2)
+    scales = run_mod.step_scales(sigmas)
+    assert scales == pytest.approx([4.0, 4.0, 2.5, 1.25, 0.2 / 0.7])   # clamped at 4
+    cfg = core.CacheConfig(threshold=0.1, step_weighting=True)
+    run = core.SpeculativeRun(cfg, 5, sigmas=sigmas)
+    assert run.threshold(2) == pytest.approx(0.25) and run.threshold(4) == pytest.approx(0.1 * 0.2 / 0.7)
+    plain = core.SpeculativeRun(core.CacheConfig(threshold=0.1), 5, sigmas=sigmas)
+    assert plain.threshold(2) == plain.threshold(4) == pytest.approx(0.1)
+    # the same error passes on a small early step and fails on the large last one
+    for step, ok in ((2, True), (4, False)):
+        run.begin_evaluation(sigmas[step], step)
+        chunk = run.chunk(["c"], 1, units_full=2)
+        assert chunk.verify(torch.ones(1, 4) * 1.2, torch.ones(1, 4)) is ok
