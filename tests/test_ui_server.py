@@ -123,3 +123,34 @@ def test_every_node_and_input_of_a_template_exists_on_the_server(server, name):
 
 def test_web_extension_is_served(server):
     assert "/extensions/speculative-cache/speculative_cache.js" in server.get("/extensions")
+
+
+@pytest.mark.parametrize("name, value", [("threshold", 99.0), ("threshold", -1.0), ("order", 9),
+                                         ("max_forecast_steps", 0), ("metric", "no_such_metric")])
+def test_out_of_range_inputs_are_refused_with_the_input_name(server, name, value):
+    """Values outside a widget's range, sent straight to /prompt (a script, an old or edited
+    workflow), are refused by ComfyUI's validation before anything runs, naming the input.
+    (ComfyUI 0.3.64 does not check a V3 combo's value: there the node itself refuses it with
+    an error naming the input, before any sampling.)"""
+    import urllib.error
+    inputs = dict(sc_defaults(server), **{name: value})
+    try:
+        answer = server.post("/prompt", {"prompt": api_graph(inputs, steps=4)})
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read())
+        assert e.code == 400
+        errors = body["node_errors"]["10"]["errors"]
+        assert any(name in (err.get("extra_info", {}).get("input_name", "") + err.get("details", ""))
+                   for err in errors), errors
+        return
+    assert isinstance(value, str), f"{name}={value!r} was accepted"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        entry = server.get(f"/history/{answer['prompt_id']}").get(answer["prompt_id"])
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.3)
+    status = entry["status"]
+    assert status["status_str"] == "error" and not status["completed"]
+    error = next(m[1] for m in status["messages"] if m[0] == "execution_error")
+    assert error["node_id"] == "10" and name in error["exception_message"]
