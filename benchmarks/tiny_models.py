@@ -67,6 +67,14 @@ CONFIGS = {
                   cap_feat_dim=64, axes_dims=[4, 6, 6], axes_lens=[64, 64, 64]),
         extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     # ComfyUI >= 0.8.0
+    "zimage": dict(
+        cls="ZImage", latent=(1, 16, 16, 16),
+        # z_image_modulation's adaLN input is 256 wide: the smallest width that fits is 256
+        unet=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=3, n_refiner_layers=1,
+                  n_heads=16, n_kv_heads=16, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
+                  cap_feat_dim=64, axes_dims=[4, 6, 6], axes_lens=[64, 64, 64], rope_theta=256.0,
+                  z_image_modulation=True, time_scale=1000.0),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     "hunyuan_video15": dict(
         cls="HunyuanVideo15", latent=(1, 32, 3, 8, 8),
         unet=dict(image_model="hunyuan_video", in_channels=65, out_channels=32, vec_in_dim=None,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.comfy
 # tiny config -> family it must be recognised as
 BLOCK_LEVEL = {"wan21": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
                "hunyuan_video15": "hunyuan_video", "flux2": "flux"}
-OUTPUT_LEVEL = ["lumina2", "kandinsky5"]
+OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
 
 
 def cached(spec_nodes, model, **settings):
