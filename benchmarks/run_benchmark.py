@@ -49,20 +49,24 @@ class Workload:
 
 
 # ---- methods --------------------------------------------------------------------------
+def ours(**inputs):
+    """The Speculative Cache node with these inputs (the others at their defaults)."""
+    nodes = comfy_env.pack_nodes()
+    return lambda m: nodes.SpeculativeCache.execute(m, **inputs).result[0]
+
+
+def easy(cls, th):
+    """ComfyUI's EasyCache / LazyCache node at reuse threshold ``th``."""
+    return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
+                                 verbose=False).result[0]
+
+
 def focus_grid(plan) -> list[Method]:
     """The rows that decide the defaults: the node as dropped into a graph, SpeCa's threshold
     on both acceptance metrics, a threshold so strict that every forecast fails (the
     back-off's cost bound), the fixed-interval TaylorSeer it must beat, and the peers."""
-    nodes = comfy_env.pack_nodes()
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
-
-    def ours(**kw):
-        return lambda m: nodes.SpeculativeCache.execute(m, **kw).result[0]
-
-    def easy(cls, th):
-        return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
-                                     verbose=False).result[0]
 
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
@@ -87,16 +91,8 @@ def focus_grid(plan) -> list[Method]:
 
 
 def method_grid(quick: bool, plan) -> list[Method]:
-    nodes = comfy_env.pack_nodes()
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
-
-    def ours(**kw):
-        return lambda m: nodes.SpeculativeCache.execute(m, **kw).result[0]
-
-    def easy(cls, th):
-        return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
-                                     verbose=False).result[0]
 
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
     intervals = [3, 5] if quick else [2, 3, 4, 5, 6]
