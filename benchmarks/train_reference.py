@@ -40,6 +40,10 @@ def init_weights(dm, g):
                 mod.bias.zero_()
 
 
+# options that do not change the result (a checkpoint made with other values still resumes)
+_NOT_RECIPE = ("checkpoint_every", "checkpoint_dir", "threads", "out", "stop_after")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2400)
@@ -50,7 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--checkpoint-dir", default=None, help="default: .cache/train/<model>")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (after a checkpoint) at this step, as a "
+                    "session that ends would; a rerun resumes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,12 +88,13 @@ def main(argv=None) -> int:
         p = (step - warm) / max(args.steps - warm, 1)
         return 1e-5 + 0.5 * (args.lr - 1e-5) * (1 + math.cos(math.pi * p))
 
-    ckpt_path = comfy_env.PACK_ROOT / ".cache" / "train" / args.model / "checkpoint.pt"
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else comfy_env.PACK_ROOT / ".cache" / "train" / args.model
+    ckpt_path = ckpt_dir / "checkpoint.pt"
     started = time.time()
     losses, first, spent = [], 0, 0.0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
-        if ck["args"] == {k: v for k, v in vars(args).items() if k not in ("checkpoint_every", "threads", "out")}:
+        if ck["args"] == {k: v for k, v in vars(args).items() if k not in _NOT_RECIPE}:
             dm.load_state_dict(ck["model"])
             ema.load_state_dict(ck["ema"])
             opt.load_state_dict(ck["opt"])
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
     def save_checkpoint(step):
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"args": {k: v for k, v in vars(args).items() if k not in ("checkpoint_every", "threads", "out")},
+        torch.save({"args": {k: v for k, v in vars(args).items() if k not in _NOT_RECIPE},
                     "model": dm.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
                     "step": step, "seconds": spent + time.time() - started}, tmp)
@@ -136,6 +144,10 @@ def main(argv=None) -> int:
                   f"  (about {left / 60:.0f} min left)", flush=True)
         if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             save_checkpoint(step + 1)
+        if args.stop_after and step + 1 == args.stop_after:
+            save_checkpoint(step + 1)
+            print(f"stopped at step {step + 1}; rerun to resume", flush=True)
+            return 0
 
     weights, config_file, _ = rm.model_files(args.model)
     out_dir = weights.parent if args.out is None else Path(args.out)

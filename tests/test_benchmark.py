@@ -175,3 +175,20 @@ def test_recipe_loads_any_comfy_model_file(spec_nodes, tmp_path):
         assert torch.equal(v, ref_sd[k])
     row, images = rb.run_method(workload, rb.Method("none", {}, lambda m: m), rb.Probe(workload))
     assert len(images) == 2 and images[0].shape == (1, 16, 32, 32) and row["macs"] > 0
+
+
+@pytest.mark.comfy
+def test_training_resumes_from_its_checkpoint_with_the_same_result(spec_nodes, tmp_path):
+    """A session can end in the middle of training: stopping at step 2 and rerunning gives
+    the same weights as an uninterrupted 4-step run."""
+    from safetensors.torch import load_file
+    from benchmarks import train_reference as tr
+    common = ["--steps", "4", "--batch", "2", "--checkpoint-every", "100"]
+    assert tr.main(common + ["--out", str(tmp_path / "straight"), "--checkpoint-dir", str(tmp_path / "c1")]) == 0
+    split = common + ["--out", str(tmp_path / "split"), "--checkpoint-dir", str(tmp_path / "c2")]
+    assert tr.main(split + ["--stop-after", "2"]) == 0
+    assert (tmp_path / "c2" / "checkpoint.pt").is_file() and not (tmp_path / "split").exists()
+    assert tr.main(split) == 0
+    a = load_file(str(tmp_path / "straight" / "flux_tiny.safetensors"))
+    b = load_file(str(tmp_path / "split" / "flux_tiny.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
