@@ -155,7 +155,6 @@ def train_forward(dm, img_latent, t, context, pooled):
     same maths; tests check it against ComfyUI's own forward."""
     from einops import rearrange
     from comfy.ldm.flux.layers import timestep_embedding
-    from comfy.ldm.flux.math import apply_rope
 
     b, c, h, w = img_latent.shape
     img = rearrange(img_latent, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
@@ -172,7 +171,7 @@ def train_forward(dm, img_latent, t, context, pooled):
     txt = dm.txt_in(context)
 
     def attn(q, k, v):
-        q, k = apply_rope(q, k, pe)
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
         return rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
 
     def heads(qkv, n):
@@ -202,6 +201,13 @@ def train_forward(dm, img_latent, t, context, pooled):
         x = x + mod.gate * blk.linear2(torch.cat((attn(q, k, v), blk.mlp_act(mlp)), 2))
     img = dm.final_layer(x[:, txt.shape[1]:], vec)
     return rearrange(img, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=hl, w=wl, ph=2, pw=2)
+
+
+def apply_rope(x, pe):
+    """FLUX's rotary embedding (comfy.ldm.flux.math.apply_rope1), written out for autograd:
+    ComfyUI 0.8.0 runs its own through a comfy_kitchen kernel that has no backward."""
+    x_ = x.to(dtype=pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    return (pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]).reshape(*x.shape).type_as(x)
 
 
 def logit_normal_t(n: int, g: torch.Generator) -> torch.Tensor:
