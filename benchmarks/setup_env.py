@@ -54,7 +54,14 @@ def install_pinned(target: Path) -> bool:
 
 def comfyuis() -> list[Path]:
     """The ComfyUI folders to set up and test against, in order."""
-    if os.environ.get("COMFYUI_ARCHIVE") and not os.environ.get("COMFYUI_PATH"):
+    if os.environ.get("COMFYUI_PATH"):
+        # An explicit folder is used, or the pinned ComfyUI is cloned into it; never another one.
+        found = comfy_env.find_comfyui(unpack=False)
+        target = Path(os.environ["COMFYUI_PATH"]).expanduser()
+        if found is None and not target.exists() and install_pinned(target):
+            found = comfy_env.find_comfyui(unpack=False)
+        return [found] if found else []
+    if os.environ.get("COMFYUI_ARCHIVE"):
         return [comfy_env.unpack_archive(a) for a in comfy_env.archives()]
     found = comfy_env.find_comfyui(unpack=False)
     if found is not None:
@@ -62,7 +69,7 @@ def comfyuis() -> list[Path]:
     shared = comfy_env.archives()
     if shared:
         return [comfy_env.unpack_archive(a) for a in shared]
-    target = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "ComfyUI").expanduser()
+    target = Path.home() / "ComfyUI"
     if not target.exists() and install_pinned(target):
         found = comfy_env.find_comfyui(unpack=False)
     return [found] if found else []
