@@ -274,6 +274,10 @@ def apply_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if ctx.adapter.apply_model_level:
         # A family whose forward has no DIFFUSION_MODEL hook but calls block patches (SD3).
+        if ctx.run.config.block_level:
+            warn_once(f"Speculative Cache: block granularity is not available for {ctx.adapter.family}; "
+                      "using stack granularity.")
+
         def call():
             if _stack_usable(ctx, executor.class_obj, args, kwargs, to):
                 return _stack_forward(ctx, executor, args, kwargs, to)

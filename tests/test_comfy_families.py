@@ -180,3 +180,16 @@ def test_partial_denoise_counts_only_the_steps_it_runs(spec_nodes, stats_log):
     s = stats_log[-1]
     assert s["steps"] == 10 and len(s["timeline"]) == 10 and "." not in s["timeline"] and s["forecast"] > 0
     assert ((out["samples"] - ref["samples"]).norm() / ref["samples"].norm()).item() < 0.05
+
+
+def test_block_granularity_on_a_family_without_it_warns_and_uses_stack(spec_nodes, stats_log, caplog):
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    adapters._warned.clear()
+    m = tm.build("sd3", seed=3)
+    ref = tm.sample(m, "sd3", steps=10)
+    with caplog.at_level("WARNING", logger="speculative_cache"):
+        out = tm.sample(cached(spec_nodes, m, threshold=5.0, granularity="block"), "sd3", steps=10)
+    s = stats_log[-1]
+    assert any("block granularity is not available for sd3" in r.message for r in caplog.records)
+    assert s["mode"] == "stack" and s["forecast"] > 0 and not s["internal_error"]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
