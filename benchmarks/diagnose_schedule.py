@@ -18,7 +18,6 @@ import json
 import sys
 from importlib import import_module
 
-import torch
 
 from . import comfy_env
 from .run_benchmark import RESULTS

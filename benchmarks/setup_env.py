@@ -182,7 +182,7 @@ def test(pytest_args: list[str]) -> int:
         if rc != 0:
             worst = rc
     if len(runs) > 1:
-        print(f"\n===== all ComfyUI versions: " + ", ".join(f"{comfy_env.comfyui_version(p)}" for p, _ in runs))
+        print("\n===== all ComfyUI versions: " + ", ".join(f"{comfy_env.comfyui_version(p)}" for p, _ in runs))
         line = f"{total.get('passed', 0)} passed, {total.get('failed', 0) + total.get('errors', 0)} failed"
         if total.get("skipped"):
             line += f", {total['skipped']} skipped"

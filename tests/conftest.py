@@ -81,3 +81,20 @@ def stats_log(spec_nodes):
     hooks.STATS_LISTENERS.append(listener)
     yield seen
     hooks.STATS_LISTENERS.remove(listener)
+
+
+def cached(spec_nodes, model, **settings):
+    """``model`` through the Speculative Cache node with these inputs."""
+    return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
+
+
+def live_tensor_count() -> int:
+    """Tensors alive in the process (after a collection)."""
+    import gc
+    import warnings
+
+    import torch
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on deprecated torch.distributed aliases
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))

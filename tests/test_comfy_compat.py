@@ -12,12 +12,9 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import cached
 
 pytestmark = pytest.mark.comfy
-
-
-def cached(spec_nodes, model, **settings):
-    return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
 
 
 def pack(module):

@@ -6,16 +6,15 @@ where it has them; output-level families are checked to still lack block patches
 
 from __future__ import annotations
 
-import gc
 import importlib
 import inspect
-import warnings
 
 import pytest
 import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import cached, live_tensor_count
 
 pytestmark = pytest.mark.comfy
 
@@ -25,20 +24,9 @@ BLOCK_LEVEL = {"wan21": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv
 OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
 
 
-def cached(spec_nodes, model, **settings):
-    return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
-
-
 def _need(name):
     if not tm.available(name):
         pytest.skip(f"{name} is not in ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
-
-
-def _live_tensors():
-    gc.collect()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 @pytest.mark.parametrize("name", list(BLOCK_LEVEL))
@@ -56,14 +44,14 @@ def test_family_forecasts_and_verifies_at_block_level(spec_nodes, stats_log, nam
 
     pm = cached(spec_nodes, m, threshold=5.0)
     tm.sample(pm, name, steps=steps)                  # lazy allocations happen once
-    before = _live_tensors()
+    before = live_tensor_count()
     out = tm.sample(pm, name, steps=steps)
     s = stats_log[-1]
     assert s["mode"] == "stack" and not s["internal_error"]
     assert s["verified"] > 0 and s["forecast"] > 0 and s["compute_fraction"] < 0.8
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
     del out
-    assert _live_tensors() == before                 # nothing cached survives the run
+    assert live_tensor_count() == before                 # nothing cached survives the run
 
     strict = tm.sample(cached(spec_nodes, m, threshold=1e-9), name, steps=steps)
     s = stats_log[-1]

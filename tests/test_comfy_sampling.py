@@ -3,23 +3,18 @@ model classes at tiny sizes, on the CPU."""
 
 from __future__ import annotations
 
-import gc
 import importlib
-import warnings
 
 import pytest
 import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import cached, live_tensor_count
 
 pytestmark = pytest.mark.comfy
 
 BLOCK_MODELS = ["flux", "hunyuan_video", "chroma"]
-
-
-def cached(spec_nodes, model, **settings):
-    return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
 
 
 class BlockCounter:
@@ -140,20 +135,13 @@ def test_new_resolution_seed_and_batch_between_runs(spec_nodes, models, stats_lo
     assert stats_log[-2]["forecast"] > 0  # the second run forecast too, from its own history
 
 
-def _live_tensor_count():
-    gc.collect()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # isinstance() on deprecated torch.distributed aliases
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
-
-
 def test_no_cached_tensor_stays_alive(spec_nodes, models):
     pm = cached(spec_nodes, models["hunyuan_video"], threshold=5.0)
     tm.sample(pm, "hunyuan_video", steps=10)       # warm up lazy allocations
-    before = _live_tensor_count()
+    before = live_tensor_count()
     out = tm.sample(pm, "hunyuan_video", steps=10)
     del out
-    assert _live_tensor_count() == before
+    assert live_tensor_count() == before
     hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
     assert hooks.RUN_KEY not in pm.model_options["transformer_options"]
 
@@ -172,12 +160,12 @@ def test_interrupted_run_leaves_nothing_behind(spec_nodes, models, stats_log):
     lat = comfy.sample.fix_empty_latent_channels(pm, tm.latent("flux"))
     noise = comfy.sample.prepare_noise(lat, 42)
     pos, neg = tm.conditioning("flux")
-    before = _live_tensor_count()
+    before = live_tensor_count()
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         comfy.sample.sample(pm, noise, 12, 2.0, "euler", "simple", pos, neg, lat, callback=stop,
                             disable_pbar=True, seed=42)
     assert stats_log[-1]["evaluations"] == 7  # the run was closed and reported
-    assert _live_tensor_count() <= before
+    assert live_tensor_count() <= before
     assert torch.equal(tm.sample(pm, "flux", steps=12), ref)
 
 
