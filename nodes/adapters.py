@@ -51,20 +51,20 @@ class OutputAdapter:
 
 
 def stack_plan_for(diffusion_model) -> tuple[str, StackPlan] | None:
+    adapter = _stack_adapter(diffusion_model)
+    return None if adapter is None else (adapter.family, adapter.plan)
+
+
+def _stack_adapter(diffusion_model) -> StackAdapter | None:
     fam = family_of(diffusion_model)
-    if fam is None:
-        return None
-    blocks = block_plan(diffusion_model, fam)
-    if not blocks:
-        return None
-    return fam.name, StackPlan(blocks)
+    blocks = block_plan(diffusion_model, fam) if fam is not None else []
+    return StackAdapter(fam.name, StackPlan(blocks), fam) if blocks else None
 
 
 def select_adapter(diffusion_model):
-    found = stack_plan_for(diffusion_model)
-    if found is not None:
-        family, plan = found
-        return StackAdapter(family, plan, family_of(diffusion_model))
+    adapter = _stack_adapter(diffusion_model)
+    if adapter is not None:
+        return adapter
     warn_once(f"Speculative Cache: no block-level support for {type(diffusion_model).__name__}; "
               "forecasting the model output as a whole instead (no per-step verification: "
               "forecasts are bounded by max_forecast_steps).")
