@@ -41,6 +41,9 @@ class CacheConfig:
     # mean step / step k (clamped to [1/4, 4]): lenient where the sampler takes small steps,
     # strict on the large final ones (benchmarks/diagnose_schedule.py measured this).
     step_weighting: bool = False
+    # Speed target (see target.py): when >= 1, the threshold is steered during the run so
+    # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
+    target_speedup: float = 0.0
     # "stack": forecast the residual of each block stage (small memory). "block": forecast
     # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
     granularity: str = "stack"
@@ -108,6 +111,8 @@ class CacheConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.max_overhead >= 0.0):
             problems.append(f"max_overhead must be >= 0, got {self.max_overhead}")
+        if not (self.target_speedup == 0.0 or 1.0 <= self.target_speedup <= 20.0):
+            problems.append(f"target_speedup must be 0 (off) or in [1, 20], got {self.target_speedup}")
         if self.max_forecast_steps < 1:
             problems.append(f"max_forecast_steps must be >= 1, got {self.max_forecast_steps}")
         if not (0.0 <= self.start_percent <= 1.0 and 0.0 <= self.end_percent <= 1.0):

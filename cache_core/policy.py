@@ -42,6 +42,7 @@ class Policy:
         self.force_full_next = False
         self.last_full = False
         self.threshold_for = threshold_for or (lambda step_index: config.threshold)   # step -> tau
+        self.max_forecasts = config.max_forecast_steps      # forecasts in a row (a speed target may lower it)
         # Error prediction (our extension of SpeCa): the verification error of a forecast
         # grows with its distance d to the last computed step, roughly as d^g. From the
         # last verified error of this run of forecasts, the next one is predicted; a step
@@ -82,10 +83,10 @@ class Policy:
         if self.force_full_next:
             return full("after_reject")
         if not c.verifies:
-            if self.forecasts_since_full >= c.max_forecast_steps:
+            if self.forecasts_since_full >= self.max_forecasts:
                 return full("interval")
             return Decision(StepMode.FORECAST, False, "interval")
-        if self.forecasts_since_full >= c.max_forecast_steps:
+        if self.forecasts_since_full >= self.max_forecasts:
             return full("max_forecast")
         verify = self.forecasts_since_full >= c.unverified_forecasts
         if verify and self.forecasts_since_full == 0:

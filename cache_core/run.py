@@ -13,6 +13,7 @@ from .forecasters import make_forecaster
 from .policy import Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
+from .target import SpeedTarget
 from .verifier import Verifier
 
 
@@ -28,6 +29,10 @@ def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
     return [min(max(mean / d, 1.0 / clamp), clamp) if d > 0 else clamp for d in sizes]
 
 
+# Decisions the policy takes whatever the threshold: the speed target does not learn from them.
+_FORCED = ("disabled", "warmup", "final", "window", "no_history")
+
+
 class SpeculativeRun:
     def __init__(self, config: CacheConfig, total_steps: int, *,
                  start_time: float = float("inf"), end_time: float = float("-inf"),
@@ -39,7 +44,12 @@ class SpeculativeRun:
         self.policy = Policy(config, total_steps, start_time, end_time, self.threshold)
         self.streams: dict = {}
         self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps),
-                              on_reject=config.on_reject)
+                              on_reject=config.on_reject, target_speedup=float(config.target_speedup))
+        self.target = None
+        if config.target_speedup >= 1.0 and config.verifies and config.enabled:
+            self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
+            self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
+        self._allowed = None        # the speed target's allowed cost for this evaluation
         self.step_index = 0
         self.time = float("nan")
         self.decision: Decision | None = None
@@ -61,6 +71,10 @@ class SpeculativeRun:
         self.policy.set_ledger(st.block_units, st.block_units_full, st.evaluations)
         self._eval_start_units = (st.block_units, st.block_units_full)
         self.decision = self.policy.decide(self.step_index, self.sigma, has_history)
+        self._allowed = None
+        if self.target is not None and self.decision.reason not in _FORCED:
+            self._allowed = self.target.allowed_fraction(self.step_index, st.block_units, st.block_units_full,
+                                                         st.evaluations)
         self.stats.evaluations += 1
         self._eval_outcome = None
         return self.decision
@@ -76,6 +90,8 @@ class SpeculativeRun:
         tau = self.verifier.threshold_at(self.policy.progress(step))
         if self.step_scales is not None and 0 <= step < len(self.step_scales):
             tau *= self.step_scales[step]
+        if self.target is not None:
+            tau *= self.target.scale
         return tau
 
     _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
@@ -90,6 +106,13 @@ class SpeculativeRun:
         outcome, self._eval_outcome = self._eval_outcome, None
         if outcome is None:
             return
+        if self._allowed is not None:
+            units0, full0 = self._eval_start_units
+            full = self.stats.block_units_full - full0
+            if full > 0:
+                self.target.update((self.stats.block_units - units0) / full, self._allowed)
+                self.stats.threshold_scale = self.target.scale
+            self._allowed = None
         steps = self.stats.step_outcomes
         previous = steps.get(self.step_index)
         if previous is None or self._RANK[outcome] > self._RANK[previous]:

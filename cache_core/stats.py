@@ -27,6 +27,9 @@ class RunStats:
     step_outcomes: dict = field(default_factory=dict)  # sampler step -> worst outcome letter
     on_reject: str = "redo"
     internal_error: str = ""    # set when an error ended the cache early in this run
+    target_speedup: float = 0.0  # the speed target (0: none)
+    threshold_scale: float = 1.0  # the speed target's last threshold multiplier
+    elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
 
     @property
     def timeline(self) -> str:
@@ -53,6 +56,16 @@ class RunStats:
         f = self.compute_fraction
         return 1.0 / f if f > 0 else float("inf")
 
+    @property
+    def saved_seconds(self) -> float:
+        """Estimated wall clock saved: the run's time had every evaluation been computed
+        (elapsed / compute fraction) minus its time. An estimate: it assumes the time of a
+        step is proportional to the blocks it ran."""
+        f = self.compute_fraction
+        if self.elapsed_seconds <= 0 or f <= 0:
+            return 0.0
+        return self.elapsed_seconds / f - self.elapsed_seconds
+
     def to_dict(self) -> dict:
         """What the UI, the log and the benchmark read. ``computed``/``forecast`` count
         sampler steps; ``eval_*`` count model evaluations (Heun makes two per step);
@@ -69,6 +82,10 @@ class RunStats:
             "cache_bytes": self.peak_cache_bytes,
             "timeline": self.timeline,
             "internal_error": self.internal_error,
+            "target_speedup": self.target_speedup,
+            "threshold_scale": round(self.threshold_scale, 4),
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "saved_seconds": round(self.saved_seconds, 3),
             "errors": [list(e) for e in self.errors],
         }
 
@@ -77,4 +94,6 @@ class RunStats:
                 f"{self.evaluations} evaluations: {self.computed} computed, {self.forecast} forecast, "
                 f"{self.rejected} rejected of {self.verified} verified; compute fraction "
                 f"{self.compute_fraction:.3f}, est. speedup {self.estimated_speedup:.2f}x, "
-                f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB")
+                f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
+                + (f"; target {self.target_speedup:.2f}x (threshold x{self.threshold_scale:.2f})"
+                   if self.target_speedup else ""))

@@ -1,7 +1,8 @@
 """ComfyUI side of the pack: the nodes and the glue that hooks the engine into models."""
 
-from .speculative_cache import SpeculativeCache
+from .legacy_node import SpeculativeCache
+from .speculative_cache import SpeculativeCacheOptions, SpeculativeCacheSimple
 
-NODE_LIST = [SpeculativeCache]
+NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache]
 
-__all__ = ["SpeculativeCache", "NODE_LIST"]
+__all__ = ["SpeculativeCache", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]

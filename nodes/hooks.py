@@ -14,6 +14,7 @@ state is put into a per-run clone of ``model_options`` and dropped at the end.""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,9 @@ def _prompt_server():
 
 
 def _notify(node_id, stats, final):
-    """Stats to the listeners and, when a server runs, to the UI. The per-step error
-    trace only travels with the final report."""
+    """Stats to the listeners and, when a server runs, to the UI (with the verification
+    errors so far, for the node's chart)."""
     payload = dict(stats.to_dict(), node=node_id, final=bool(final))
-    if not final:
-        payload.pop("errors")
     for listener in list(STATS_LISTENERS):
         try:
             listener(node_id, payload, final)
@@ -93,6 +92,12 @@ class RunContext:
         self.blockwise = False
         # seeded, so that ClusCa's random representatives repeat from run to run
         self.generator = torch.Generator().manual_seed(0)
+        self.started = time.perf_counter()
+
+    def stamp(self):
+        """The run's stats with its wall clock so far (the UI estimates the time saved)."""
+        self.run.stats.elapsed_seconds = time.perf_counter() - self.started
+        return self.run.stats
 
     @property
     def features(self):
@@ -153,7 +158,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         guider.model_options = original_options
         ctx.active = None
-        stats = ctx.run.close()
+        ctx.run.close()
+        stats = ctx.stamp()
         log.info(stats.summary_line())
         _notify(settings.node_id, stats, True)
 
@@ -193,7 +199,7 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
         ctx.steps_done = int(step) + 1
         try:
             ctx.run.end_evaluation()
-            _notify(ctx.settings.node_id, ctx.run.stats, False)
+            _notify(ctx.settings.node_id, ctx.stamp(), False)
         except Exception as e:
             guard.fail(ctx, "step callback", e)
         if original_callback is not None:

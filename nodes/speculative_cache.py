@@ -1,132 +1,100 @@
-"""The Speculative Cache node (ComfyUI V3 schema): MODEL in, MODEL out."""
+"""The Speculative Cache node (mode, one speed slider, start/end) and its optional
+Speculative Cache Options node (ComfyUI V3 schema): MODEL in, MODEL out."""
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
-from ..cache_core import CacheConfig
-from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
-from ..cache_core.presets import PRESETS, resolve_settings
 from . import compat
 from .adapters import select_adapter
 from .hooks import CacheSettings, install
+from .inputs import (MODES, OPTIONS_DEFAULTS, SpeculativeCacheOptionsType, check_known, options_inputs,
+                     simple_config)
 
-_D = CacheConfig()
+log = logging.getLogger("speculative_cache")
 
-
-def _slider_float(name, default, lo, hi, step, tooltip):
-    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip,
-                          display_mode=io.NumberDisplay.slider)
-
-
-def _slider_int(name, default, lo, hi, tooltip):
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tooltip,
-                        display_mode=io.NumberDisplay.slider)
+MAIN_INPUTS = ("mode", "speed", "start_percent", "end_percent", "options")
 
 
-# Inputs in widget order. New inputs go at the END: saved workflows store widget values by
-# position.
-INPUTS = [
-    io.Combo.Input(
-        "preset", options=list(PRESETS), default="auto",
-        tooltip="auto: tuned settings for the detected model family; inputs you changed from their "
-                "default still win. custom: exactly the inputs below. paper_flux / paper_hunyuan_video: "
-                "the SpeCa paper's settings (every input except threshold, which is the paper's base "
-                "threshold: 7.0 for FLUX, 1.0 for HunyuanVideo)."),
-    io.Combo.Input(
-        "method", options=list(METHODS), default=_D.method,
-        tooltip="speca: forecast, then verify each forecast with the real last block; recompute when "
-                "it is off. The others forecast on a fixed interval (max_forecast_steps) without "
-                "verification: taylorseer (Taylor), reuse (FORA), hicache (Hermite), foca (FoCa)."),
-    _slider_float(
-        "threshold", _D.threshold, 0.0, 10.0, 0.005,
-        "Verification tolerance: the largest relative error of the last block's output that a "
-        "forecast may have (0.15 = 15 %). Lower = closer to the uncached picture and slower; "
-        "0 disables forecasting (identical output). Only speca verifies."),
-    io.Combo.Input(
-        "forecaster", options=list(FORECASTERS), default=_D.forecaster,
-        tooltip="SpeCa's draft: taylor (polynomial through the last computed steps), hicache "
-                "(Hermite basis, damped), foca (velocity fit + Heun corrector)."),
-    _slider_int("order", _D.order, 0, 4,
-                "Order of the forecast polynomial through the last computed steps "
-                "(0 = reuse, 1 = linear, 2 = quadratic)."),
-    _slider_int("warmup_steps", _D.warmup_steps, 0, 100,
-                "Steps computed fully at the start, before any forecast."),
-    _slider_int("max_forecast_steps", _D.max_forecast_steps, 1, 50,
-                "At most this many forecast steps in a row, then a full step."),
-    _slider_float("start_percent", _D.start_percent, 0.0, 1.0, 0.01,
-                  "Forecasting may start at this fraction of the schedule."),
-    _slider_float("end_percent", _D.end_percent, 0.0, 1.0, 0.01,
-                  "Forecasting stops at this fraction of the schedule; later steps are computed."),
-    _slider_int("final_full_steps", _D.final_full_steps, 0, 100,
-                "Steps computed fully at the end of the schedule (fine detail forms there)."),
-    io.Combo.Input(
-        "on_reject", options=list(ON_REJECT), default=_D.on_reject,
-        tooltip="When a forecast fails verification: redo = compute this step fully (a rejected "
-                "forecast is never used); next = keep it and compute the next step fully (the SpeCa "
-                "paper's behaviour: faster, less faithful)."),
-    io.Combo.Input(
-        "metric", options=list(METRICS), default=_D.metric,
-        tooltip="relative_norm: ||forecast - real|| / ||real||. relative_l1: the SpeCa paper's "
-                "element-wise relative L1 (its FLUX base threshold is 7.0). relative_change: the part of "
-                "the feature's movement since the last computed step that the forecast missed (reuse "
-                "scores 1; the same threshold means the same on any model's scale)."),
-    _slider_float("threshold_decay", _D.threshold_decay, 0.01, 1.0, 0.01,
-                  "The threshold is multiplied by decay^progress along the schedule (stricter late "
-                  "in sampling); 1 keeps it constant."),
-    _slider_float("threshold_floor", _D.threshold_floor, 0.0, 10.0, 0.005,
-                  "The decayed threshold never falls below this."),
-    io.Combo.Input(
-        "storage_dtype", options=["auto", "float32", "bfloat16", "float16"], default="auto",
-        tooltip="Precision of the stored forecast history. auto keeps the model's precision; "
-                "bfloat16 halves the cache memory of a float32 model."),
-    io.Combo.Input(
-        "granularity", options=["stack", "block"], default=_D.granularity,
-        tooltip="stack: forecast the residual of each block stage (small memory, the default). "
-                "block: forecast every block's attention and MLP outputs (TaylorSeer; closer to the "
-                "papers, needs gigabytes on FLUX at 1024x1024). clusca always uses block."),
-    _slider_int("clusters", _D.clusters, 1, 256,
-                "ClusCa: number of token clusters; one token per cluster is computed for real at "
-                "each forecast step."),
-    _slider_float("gamma", _D.gamma, 0.0, 1.0, 0.001,
-                  "ClusCa: how far every token's cached MLP output moves towards its cluster's "
-                  "fresh value (0 = only the computed tokens are refreshed)."),
-]
-DEFAULTS = {i.id: i.default for i in INPUTS}
-
-
-class SpeculativeCache(io.ComfyNode):
+class SpeculativeCacheSimple(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="SpeculativeCache",
+            node_id="SpeculativeCacheSimple",
             display_name="Speculative Cache",
             category="model_patches/speculative_cache",
             description=(
-                "Makes diffusion transformers (FLUX, Chroma, HunyuanVideo, ...) faster: most steps "
-                "are forecast from the last computed ones, and each forecast is checked against one "
-                "real block before it is used (SpeCa, forecast-then-verify). Threshold 0 = off."),
-            inputs=[io.Model.Input("model", tooltip="The diffusion model to accelerate."), *INPUTS],
+                "Makes diffusion transformers (FLUX, Wan, Qwen-Image, HunyuanVideo, ...) faster: most "
+                "steps are forecast from the last computed ones, and each forecast is checked against "
+                "one real block before it is used (SpeCa, forecast-then-verify). One slider: 0 = off "
+                "(identical picture), higher = faster. Advanced settings: plug a Speculative Cache "
+                "Options node into 'options'."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to accelerate."),
+                io.Combo.Input(
+                    "mode", options=list(MODES), default="auto",
+                    tooltip="auto: every forecast is verified; 'speed' sets how far a forecast may be "
+                            "off (the family's tuned settings). speed_target: 'speed' sets the speed-up "
+                            "to reach (1x at 0 to 5x at 1; 0.5 = 3x) and the cache steers its tolerance "
+                            "during the run to meet it. paper_flux / paper_hunyuan_video: the SpeCa "
+                            "paper's settings (speed 0.5 = the paper's threshold)."),
+                io.Float.Input(
+                    "speed", default=0.5, min=0.0, max=1.0, step=0.01, display_mode=io.NumberDisplay.slider,
+                    tooltip="0 = off: the picture is identical to running without the node. Higher = "
+                            "faster and further from the uncached picture. auto: 0.5 is the tuned "
+                            "default (verification tolerance 15 %), 0.25 about 5 %, 0.75 about 45 %. "
+                            "speed_target: the target speed-up is 1 + 4 x speed."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="Forecasting may start at this fraction of the schedule."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="Forecasting stops at this fraction of the schedule; later steps "
+                                       "are computed."),
+                SpeculativeCacheOptionsType.Input(
+                    "options", optional=True,
+                    tooltip="Advanced settings from a Speculative Cache Options node (method, "
+                            "forecaster, warm-up, metric, memory, ClusCa...)."),
+            ],
             outputs=[io.Model.Output(tooltip="The model with Speculative Cache.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, **inputs) -> io.NodeOutput:
-        unknown = set(inputs) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"Speculative Cache: unknown inputs {sorted(unknown)}")
+    def execute(cls, model, mode="auto", speed=0.5, start_percent=0.0, end_percent=1.0,
+                options=None) -> io.NodeOutput:
         compat.warn_if_incompatible()
-        values = {**DEFAULTS, **inputs}
-        preset = values.pop("preset")
-        if values["storage_dtype"] == "auto":
-            values["storage_dtype"] = None
+        if options is not None and not isinstance(options, dict):
+            raise ValueError("Speculative Cache: 'options' must come from a Speculative Cache Options node")
+        check_known(options or {}, OPTIONS_DEFAULTS, "Speculative Cache Options")
         adapter = select_adapter(model.get_model_object("diffusion_model"))
-        defaults = dict(DEFAULTS, storage_dtype=None)
-        config = resolve_settings(preset, adapter.family, values, defaults)
-        node_id = None
+        config, what = simple_config(adapter.family, mode, float(speed), float(start_percent),
+                                     float(end_percent), options)
+        log.info("Speculative Cache: %s mode, speed %.2f -> %s", mode, speed, what)
         hidden = getattr(cls, "hidden", None)
-        if hidden is not None:
-            node_id = hidden.unique_id
+        node_id = hidden.unique_id if hidden is not None else None
         patched, _ = install(model, CacheSettings(config=config, node_id=node_id), adapter)
         return io.NodeOutput(patched)
+
+
+class SpeculativeCacheOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeculativeCacheOptions",
+            display_name="Speculative Cache Options",
+            category="model_patches/speculative_cache",
+            description=(
+                "Advanced settings for the Speculative Cache node: plug its output into the node's "
+                "'options' input. Settings left at their defaults keep the detected model family's "
+                "tuned values."),
+            inputs=options_inputs(),
+            outputs=[SpeculativeCacheOptionsType.Output(display_name="options")],
+        )
+
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:
+        check_known(inputs, OPTIONS_DEFAULTS, "Speculative Cache Options")
+        return io.NodeOutput({**OPTIONS_DEFAULTS, **inputs})

@@ -101,11 +101,13 @@ def widget_defaults(object_info: dict) -> dict:
     return out
 
 
-def api_graph(sc_inputs: dict, steps: int = 12, cfg: float = 2.0, seed: int = 3) -> dict:
-    """API-format prompt: tiny FLUX -> Speculative Cache (node "10") -> KSampler -> sink."""
-    return {
+def api_graph(sc_inputs: dict, steps: int = 12, cfg: float = 2.0, seed: int = 3, sc_type: str = "SpeculativeCache",
+              options: dict | None = None) -> dict:
+    """API-format prompt: tiny FLUX -> Speculative Cache (node "10", of type ``sc_type``;
+    with ``options``, fed by a Speculative Cache Options node "11") -> KSampler -> sink."""
+    graph = {
         "1": {"class_type": "SCTestTinyFlux", "inputs": {"seed": 0}},
-        "10": {"class_type": "SpeculativeCache", "inputs": {"model": ["1", 0], **sc_inputs}},
+        "10": {"class_type": sc_type, "inputs": {"model": ["1", 0], **sc_inputs}},
         "2": {"class_type": "SCTestConditioning", "inputs": {"seed": 1}},
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "4": {"class_type": "KSampler", "inputs": {
@@ -114,10 +116,16 @@ def api_graph(sc_inputs: dict, steps: int = 12, cfg: float = 2.0, seed: int = 3)
             "denoise": 1.0}},
         "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
     }
+    if options is not None:
+        graph["11"] = {"class_type": "SpeculativeCacheOptions", "inputs": dict(options)}
+        graph["10"]["inputs"]["options"] = ["11", 0]
+    return graph
 
 
-def ui_graph(sc_widgets: list, steps: int = 12) -> dict:
-    """The same graph in the frontend's (UI) format, for the browser test."""
+def ui_graph(sc_widgets: list, steps: int = 12, sc_type: str = "SpeculativeCacheSimple",
+             options_widgets: list | None = None) -> dict:
+    """The same graph in the frontend's (UI) format, for the browser test; with
+    ``options_widgets``, a Speculative Cache Options node (11) feeds the main node."""
     def node(nid, typ, pos, widgets, inputs, outputs, size=(300, 120)):
         return {"id": nid, "type": typ, "pos": list(pos), "size": list(size), "flags": {}, "order": nid,
                 "mode": 0, "inputs": [{"name": n, "type": t, "link": l} for n, t, l in inputs],
@@ -125,8 +133,10 @@ def ui_graph(sc_widgets: list, steps: int = 12) -> dict:
                 "properties": {}, "widgets_values": widgets}
     nodes = [
         node(1, "SCTestTinyFlux", (20, 40), [0], [], [("MODEL", "MODEL", [1])]),
-        node(10, "SpeculativeCache", (360, 40), sc_widgets, [("model", "MODEL", 1)], [("MODEL", "MODEL", [2])],
-             size=(340, 420)),
+        node(10, sc_type, (360, 40), sc_widgets,
+             [("model", "MODEL", 1)] + ([("options", "SPECULATIVE_CACHE_OPTIONS", 7 if options_widgets else None)]
+                                        if sc_type == "SpeculativeCacheSimple" else []),
+             [("MODEL", "MODEL", [2])], size=(340, 260 if sc_type == "SpeculativeCacheSimple" else 420)),
         node(2, "SCTestConditioning", (20, 260), [1], [],
              [("positive", "CONDITIONING", [3]), ("negative", "CONDITIONING", [4])]),
         node(3, "EmptySD3LatentImage", (20, 420), [128, 128, 1], [], [("LATENT", "LATENT", [5])]),
@@ -137,5 +147,9 @@ def ui_graph(sc_widgets: list, steps: int = 12) -> dict:
     ]
     links = [[1, 1, 0, 10, 0, "MODEL"], [2, 10, 0, 4, 0, "MODEL"], [3, 2, 0, 4, 1, "CONDITIONING"],
              [4, 2, 1, 4, 2, "CONDITIONING"], [5, 3, 0, 4, 3, "LATENT"], [6, 4, 0, 5, 0, "LATENT"]]
-    return {"last_node_id": 10, "last_link_id": 6, "nodes": nodes, "links": links, "groups": [],
+    if options_widgets:
+        nodes.append(node(11, "SpeculativeCacheOptions", (20, 560), options_widgets, [],
+                          [("options", "SPECULATIVE_CACHE_OPTIONS", [7])], size=(320, 560)))
+        links.append([7, 11, 0, 10, 1, "SPECULATIVE_CACHE_OPTIONS"])
+    return {"last_node_id": 11, "last_link_id": 7, "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}

@@ -25,8 +25,12 @@ def comfy_nodes(spec_nodes):
 
 
 def test_comfyui_loader_registers_the_node_and_web_dir(comfy_nodes):
-    assert "SpeculativeCache" in comfy_nodes.NODE_CLASS_MAPPINGS
-    assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS.get("SpeculativeCache") == "Speculative Cache"
+    names = comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
+    assert names.get("SpeculativeCacheSimple") == "Speculative Cache"
+    assert names.get("SpeculativeCacheOptions") == "Speculative Cache Options"
+    # graphs saved with the 19-input node still find it, marked deprecated
+    assert "legacy" in names.get("SpeculativeCache")
+    assert comfy_nodes.NODE_CLASS_MAPPINGS["SpeculativeCache"].GET_SCHEMA().is_deprecated
     web_dirs = [d for d in comfy_nodes.EXTENSION_WEB_DIRS.values() if d.endswith("web/js")]
     assert any(str(comfy_env.PACK_ROOT) in d for d in web_dirs)
 
@@ -57,7 +61,7 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
     wf = json.loads(path.read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
     types = [n["type"] for n in wf["nodes"]]
-    assert "SpeculativeCache" in types
+    assert "SpeculativeCacheSimple" in types
     for node in wf["nodes"]:
         cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
         assert cls is not None, f"{path.name}: unknown node {node['type']}"
@@ -70,7 +74,7 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
         assert by_id[dst]["inputs"][dslot]["type"] == typ
         assert by_id[dst]["inputs"][dslot]["link"] == link_id
     # Every Speculative Cache sits between a model loader and a sampler
-    for sc in (n for n in wf["nodes"] if n["type"] == "SpeculativeCache"):
+    for sc in (n for n in wf["nodes"] if n["type"] == "SpeculativeCacheSimple"):
         downstream = {by_id[dst]["type"] for _, src, _, dst, _, _ in wf["links"] if src == sc["id"]}
         assert downstream in ({"KSampler"}, {"KSamplerAdvanced"})
 
@@ -79,9 +83,10 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
 def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
     """The Speculative Cache widget values in the workflow build a working config."""
     wf = json.loads(path.read_text())
-    sc = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCache")
-    widgets, _ = _widget_inputs(spec_nodes.SpeculativeCache)
+    sc = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCacheSimple")
+    widgets, _ = _widget_inputs(spec_nodes.SpeculativeCacheSimple)
     settings = dict(zip(widgets, sc["widgets_values"]))
+    assert settings == {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
     import benchmarks.tiny_models as tm
-    out = spec_nodes.SpeculativeCache.execute(tm.build("flux"), **settings)
+    out = spec_nodes.SpeculativeCacheSimple.execute(tm.build("flux"), **settings)
     assert out.result[0] is not None

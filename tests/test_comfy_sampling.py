@@ -221,11 +221,17 @@ def test_through_the_ksampler_node(spec_nodes, models, stats_log):
     assert torch.equal(out["samples"], ref["samples"])
 
 
-def test_schema_slider_defaults_and_limits(spec_nodes):
+def test_legacy_schema_keeps_its_inputs_defaults_and_limits(spec_nodes):
+    """The legacy node keeps its 18 widgets in their saved order (old graphs store them by
+    position) and is marked deprecated."""
     node = spec_nodes.SpeculativeCache
     info = node.GET_NODE_INFO_V1()
-    assert info["display_name"] == "Speculative Cache"
+    assert info["display_name"] == "Speculative Cache (legacy, all inputs)" and info["deprecated"]
     required = info["input"]["required"]
+    assert list(required)[1:] == ["preset", "method", "threshold", "forecaster", "order", "warmup_steps",
+                                  "max_forecast_steps", "start_percent", "end_percent", "final_full_steps",
+                                  "on_reject", "metric", "threshold_decay", "threshold_floor", "storage_dtype",
+                                  "granularity", "clusters", "gamma"]
     assert required["model"][0] == "MODEL"
     th = required["threshold"][1]
     assert th["display"] == "slider" and th["min"] == 0.0 and th["default"] > 0

@@ -514,3 +514,65 @@ def test_step_weighting_scales_the_threshold_by_the_step_size(core):
         run.begin_evaluation(sigmas[step], step)
         chunk = run.chunk(["c"], 1, units_full=2)
         assert chunk.verify(torch.ones(1, 4) * 1.2, torch.ones(1, 4)) is ok
+
+
+# ---- speed target: the threshold steered to a compute budget ---------------------------
+def simulate_growing_errors(core, config, steps, scale, units_full=20):
+    """A run whose forecast at distance d from the last computed step has verification
+    error scale * d^2 (how Taylor forecasts degrade), on a 20-block model (a probe costs
+    1/20 of a step)."""
+    run = core.SpeculativeRun(config, steps)
+    for i in range(steps):
+        d = run.begin_evaluation(1.0 - i / steps, i)
+        chunk = run.chunk(["cond"], 1, units_full=units_full)
+        feat = {"f": torch.full((1, 3), float(i))}
+        if d.forecast and chunk.can_forecast(["f"]):
+            if d.verify:
+                chunk.add_units(1)
+                err = scale * (run.policy.forecasts_since_full + 1) ** 2
+                real = torch.ones(1, 4)
+                if not chunk.verify(real * (1 + err), real):
+                    chunk.add_units(units_full)
+                    chunk.record(feat)
+                    chunk.finish("R")
+                    continue
+            chunk.finish("F")
+        else:
+            chunk.add_units(units_full)
+            chunk.record(feat)
+            chunk.finish("C")
+    return run.close()
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_speed_target_meets_the_budget_on_any_error_scale(core, target):
+    """The same threshold gives very different speed-ups on models whose errors differ by
+    100x; the speed target lands every run near its target whatever the scale."""
+    fixed = [simulate_growing_errors(core, core.CacheConfig(threshold=0.15), 40, s).compute_fraction
+             for s in (0.002, 0.2)]
+    assert fixed[0] < 0.4 and fixed[1] > 0.9                   # a fixed threshold does not transfer
+    for scale in (0.002, 0.02, 0.2):
+        cfg = core.CacheConfig(threshold=0.15, target_speedup=target)
+        stats = simulate_growing_errors(core, cfg, 40, scale)
+        achieved = 1.0 / stats.compute_fraction
+        assert achieved == pytest.approx(target, rel=0.15), (scale, achieved, stats.timeline)
+        assert stats.to_dict()["target_speedup"] == target
+        # it loosened the threshold where errors were large and tightened it where small
+        assert (stats.threshold_scale > 1) if scale == 0.2 else True
+        assert (stats.threshold_scale < 1) if scale == 0.002 else True
+
+
+def test_speed_target_out_of_reach_spends_all_it_may_and_says_so(core):
+    """Warm-up 3 + final 1 of 10 steps already exceed a 5x budget: the run forecasts every
+    step it may and the stats carry the target it missed."""
+    cfg = core.CacheConfig(threshold=0.15, target_speedup=5.0)
+    stats = simulate_growing_errors(core, cfg, 10, 0.02)
+    assert stats.target_speedup == 5.0 and 1.0 / stats.compute_fraction < 5.0
+    assert stats.timeline == "CCCFFFFFFC"                          # every free step forecast
+    with pytest.raises(ValueError, match="target_speedup"):
+        core.CacheConfig(target_speedup=0.5)
+
+
+def test_speed_target_is_off_at_zero_threshold_and_for_unverified_methods(core):
+    assert core.SpeculativeRun(core.CacheConfig(threshold=0.0, target_speedup=3.0), 10).target is None
+    assert core.SpeculativeRun(core.CacheConfig(method="taylorseer", target_speedup=3.0), 10).target is None

@@ -3,6 +3,7 @@ real ComfyUI server with this pack. Saves a screenshot to test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -62,24 +63,34 @@ def test_node_is_found_in_the_node_library_and_added(page):
     search = page.get_by_placeholder("Search Nodes...")
     search.wait_for(timeout=15_000)
     search.fill("Speculative Cache")
-    page.get_by_text("model_patches > speculative_cache").wait_for(timeout=15_000)  # the library entry
+    entries = page.get_by_text("model_patches > speculative_cache")        # the library entries
+    entries.first.wait_for(timeout=15_000)
+    page.wait_for_timeout(300)
+    listed = page.locator("[role=option]").all_text_contents()
+    assert not any("legacy" in t for t in listed)          # the deprecated node is not offered
     page.keyboard.press("Enter")
-    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'SpeculativeCache')", timeout=15_000)
-    info = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCache');
-        const w = n.widgets.find(w => w.name === 'threshold');
-        return {type: w.type, value: w.value, panel: !!n.speculativeCachePanel,
+    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'SpeculativeCacheSimple')", timeout=15_000)
+    info = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCacheSimple');
+        const w = n.widgets.find(w => w.name === 'speed');
+        return {type: w.type, value: w.value, panel: !!n.speculativeCachePanel, title: n.title,
+                inputs: n.inputs.map(i => i.name),
+                widgets: n.widgets.filter(w => w.serialize !== false && w.name !== 'speculative_cache_stats').map(w => w.name),
                 sliders: n.widgets.filter(w => w.type === 'slider').map(w => w.name)}; }""")
-    assert info["type"] == "slider" and info["value"] > 0
-    assert info["panel"]
-    assert {"threshold", "order", "max_forecast_steps"} <= set(info["sliders"])
+    assert info["title"] == "Speculative Cache"
+    assert info["type"] == "slider" and info["value"] == 0.5
+    assert info["widgets"] == ["mode", "speed", "start_percent", "end_percent"]
+    assert "options" in info["inputs"] and info["panel"]
     assert our_errors(page) == []
 
 
-def test_a_run_shows_summary_and_timeline_on_the_node(page):
-    defaults = widget_defaults(page.server.get("/object_info/SpeculativeCache")["SpeculativeCache"])
-    order = page.server.get("/object_info/SpeculativeCache")["SpeculativeCache"]["input_order"]["required"]
-    widgets = [dict(defaults, threshold=5.0)[n] for n in order if n != "model"]
-    page.evaluate("(g) => app.loadGraphData(g)", ui_graph(widgets, STEPS))
+def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
+    """The main node fed by an Options node (a threshold the tiny random model passes), run
+    from the browser: summary with the time saved, timeline, and the chart of each
+    verification's error against its threshold."""
+    info = page.server.get("/object_info/SpeculativeCacheOptions")["SpeculativeCacheOptions"]
+    defaults = widget_defaults(info)
+    options = [dict(defaults, threshold=5.0)[n] for n in info["input_order"]["required"]]
+    page.evaluate("(g) => app.loadGraphData(g)", ui_graph(["auto", 0.5, 0.0, 1.0], STEPS, options_widgets=options))
     page.wait_for_timeout(500)
     page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function(
@@ -92,15 +103,19 @@ def test_a_run_shows_summary_and_timeline_on_the_node(page):
     assert forecast_cells > 0
     computed = int(text.split("/")[0])
     assert computed + forecast_cells == STEPS
-    assert "rejected" in text and "x" in text and "MB" in text
+    assert "rejected" in text and "x" in text and "MB" in text and "saved" in text
+    # the chart: one dot per verification, green accepted / orange rejected, under a threshold line
+    dots = page.locator(".speculative-cache-chart .speculative-cache-error")
+    assert dots.count() > 0 and page.locator(".speculative-cache-chart .speculative-cache-threshold").count() == 1
+    assert page.locator(".speculative-cache-chart .accepted").count() > 0
+    chart = page.locator(".speculative-cache-chart").bounding_box()
+    assert chart["height"] >= 20 and chart["y"] + chart["height"] <= area_bottom(page) + 1
     # the strip is really on screen, inside the widget area the frontend gave it
     strip = page.locator(".speculative-cache-timeline").bounding_box()
-    area = page.evaluate("""() => { const b = document.querySelector('.speculative-cache-stats')
-        .parentElement.getBoundingClientRect(); return {y: b.y, bottom: b.bottom}; }""")
-    assert strip["height"] >= 8 and strip["y"] + strip["height"] <= area["bottom"] + 1
+    assert strip["height"] >= 8 and strip["y"] + strip["height"] <= area_bottom(page) + 1
     assert cells.first.is_visible()
     ARTIFACTS.mkdir(exist_ok=True)
-    box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCache');
+    box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCacheSimple');
         const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - 30]);
         const c = app.canvas.canvas.getBoundingClientRect(); const s = app.canvas.ds.scale;
         return {x: x + c.x, y: y + c.y, w: n.size[0] * s, h: (n.size[1] + 40) * s}; }""")
@@ -109,6 +124,12 @@ def test_a_run_shows_summary_and_timeline_on_the_node(page):
                           "width": box["w"] + 20, "height": box["h"] + 20})
     page.screenshot(path=str(ARTIFACTS / "graph_after_run.png"))
     assert our_errors(page) == []
+
+
+def area_bottom(page):
+    """The bottom of the area the frontend gave the stats widget."""
+    return page.evaluate("""() => document.querySelector('.speculative-cache-stats')
+        .parentElement.getBoundingClientRect().bottom""")
 
 
 def test_setting_hides_the_stats(page):
@@ -128,7 +149,35 @@ def test_example_workflows_load_from_the_template_route(page, name):
         const r = await fetch('/api/workflow_templates/speculative-cache/{name}.json');
         const wf = await r.json(); await app.loadGraphData(wf);
         return [wf.nodes.length, app.graph._nodes.length,
-                app.graph._nodes.filter(n => n.type === 'SpeculativeCache').length]; }}""")
+                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheSimple').length]; }}""")
     assert n_nodes[0] == n_nodes[1] and n_nodes[2] == (2 if name.startswith("wan22") else 1)
     new_errors = [e for e in page.errors[before:] if "speculative" in e.lower()]
     assert new_errors == []
+
+
+def test_a_graph_saved_with_the_legacy_node_loads_with_its_settings(page):
+    """A workflow saved with the 19-input node (0.1): it loads with every widget holding its
+    saved value (checked by input name), the node says it is the legacy one, and it runs."""
+    wf = json.loads((ROOT / "tests" / "data" / "legacy_flux_workflow.json").read_text())
+    saved = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCache")["widgets_values"]
+    order = [n for n in page.server.get("/object_info/SpeculativeCache")["SpeculativeCache"]["input_order"]["required"]
+             if n != "model"]
+    before = len(page.errors)
+    values = page.evaluate("""async (wf) => { await app.loadGraphData(wf);
+        const n = app.graph._nodes.find(n => n.type === 'SpeculativeCache');
+        return {widgets: Object.fromEntries(n.widgets.filter(w => w.name !== 'speculative_cache_stats')
+                                             .map(w => [w.name, w.value])),
+                text: n.speculativeCachePanel?.text.textContent ?? ''}; }""", wf)
+    assert values["widgets"] == dict(zip(order, saved, strict=True))
+    assert values["widgets"]["max_forecast_steps"] == 4
+    assert "Legacy node" in values["text"]
+    assert [e for e in page.errors[before:] if "speculative" in e.lower()] == []
+    # and it runs, through the same graph the browser builds
+    legacy_graph = ui_graph(saved, STEPS, sc_type="SpeculativeCache")
+    page.evaluate("(g) => app.loadGraphData(g)", legacy_graph)
+    page.wait_for_timeout(300)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        f"() => document.querySelector('.speculative-cache-summary')?.textContent.includes('/{STEPS} computed')",
+        timeout=120_000)
+    assert our_errors(page) == []

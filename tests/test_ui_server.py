@@ -79,6 +79,20 @@ def test_stats_events_follow_the_run(server):
     assert "finite=True" in history["outputs"]["5"]["text"][0]
 
 
+def test_main_node_with_options_node_runs_through_the_server(server):
+    """The main node fed by an Options node, as a graph has them: the options reach the run,
+    and the stats carry the speed target and the time saved."""
+    options = dict(widget_defaults(server.get("/object_info/SpeculativeCacheOptions")["SpeculativeCacheOptions"]),
+                   warmup_steps=2, threshold=5.0)
+    _, events = run_prompt(server, api_graph({"mode": "speed_target", "speed": 0.25, "start_percent": 0.0,
+                                              "end_percent": 1.0}, steps=12, sc_type="SpeculativeCacheSimple",
+                                             options=options))
+    final = [e["data"] for e in events if e["type"] == "speculative_cache.stats" and e["data"]["final"]][-1]
+    assert final["node"] == "10" and final["target_speedup"] == 2.0
+    assert final["timeline"].startswith("CC") and final["timeline"][2] != "C"   # warm-up 2 from the options
+    assert final["elapsed_seconds"] > 0 and final["saved_seconds"] > 0 and final["errors"]
+
+
 def test_threshold_zero_reports_every_step_computed(server):
     inputs = dict(sc_defaults(server), threshold=0.0)
     _, events = run_prompt(server, api_graph(inputs, steps=8, seed=5))
@@ -95,7 +109,7 @@ def test_example_workflows_are_served_as_templates(server):
     assert sorted(ours) == WORKFLOWS
     assert {"wan22_text_to_video_two_experts", "qwen_image_text_to_image"} <= set(ours)
     wf = server.get("/api/workflow_templates/speculative-cache/flux_dev_text_to_image.json")
-    assert any(n["type"] == "SpeculativeCache" for n in wf["nodes"])
+    assert any(n["type"] == "SpeculativeCacheSimple" for n in wf["nodes"])
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -105,7 +119,7 @@ def test_every_node_and_input_of_a_template_exists_on_the_server(server, name):
     values as the node has widgets (combos, numbers, strings, a seed's control widget)."""
     info = server.get("/object_info")
     wf = server.get(f"/api/workflow_templates/speculative-cache/{name}.json")
-    assert any(n["type"] == "SpeculativeCache" for n in wf["nodes"])
+    assert any(n["type"] == "SpeculativeCacheSimple" for n in wf["nodes"])
     for node in wf["nodes"]:
         assert node["type"] in info, f"{name}: no node type {node['type']} on this ComfyUI"
         spec = info[node["type"]]["input"]
@@ -126,16 +140,21 @@ def test_web_extension_is_served(server):
 
 
 @pytest.mark.parametrize("name, value", [("threshold", 99.0), ("threshold", -1.0), ("order", 9),
-                                         ("max_forecast_steps", 0), ("metric", "no_such_metric")])
+                                         ("max_forecast_steps", 0), ("metric", "no_such_metric"),
+                                         ("speed", 1.5), ("mode", "no_such_mode")])
 def test_out_of_range_inputs_are_refused_with_the_input_name(server, name, value):
     """Values outside a widget's range, sent straight to /prompt (a script, an old or edited
     workflow), are refused by ComfyUI's validation before anything runs, naming the input.
     (ComfyUI 0.3.64 does not check a V3 combo's value: there the node itself refuses it with
     an error naming the input, before any sampling.)"""
     import urllib.error
-    inputs = dict(sc_defaults(server), **{name: value})
+    if name in ("speed", "mode"):       # the main node's inputs
+        graph = api_graph({"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0, name: value},
+                          steps=4, sc_type="SpeculativeCacheSimple")
+    else:
+        graph = api_graph(dict(sc_defaults(server), **{name: value}), steps=4)
     try:
-        answer = server.post("/prompt", {"prompt": api_graph(inputs, steps=4)})
+        answer = server.post("/prompt", {"prompt": graph})
     except urllib.error.HTTPError as e:
         body = json.loads(e.read())
         assert e.code == 400

@@ -2,13 +2,18 @@
 //
 // The Python side sends a `speculative_cache.stats` event after every sampler step and once
 // at the end of the run (see README, "Live stats"). This extension shows, under the node,
-// a one-line summary ("14/50 computed · 3 rejected · 3.4x · 210 MB") and a timeline strip
-// with one cell per step. A setting hides both. Every frontend hook is optional: where a
-// frontend lacks one, the extension does nothing rather than break the canvas.
+// a one-line summary ("14/50 computed · 3 rejected · 3.4x · ≈ 41 s saved · 210 MB"), a
+// timeline strip with one cell per step, and a small chart of each verification's error
+// against the threshold it had to meet. A setting hides them. Every frontend hook is
+// optional: where a frontend lacks one, the extension does nothing rather than break the
+// canvas.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const NODE_TYPE = "SpeculativeCache";
+// the main node, and the legacy 19-input node of graphs saved before the split
+const NODE_TYPES = ["SpeculativeCacheSimple", "SpeculativeCache"];
+const LEGACY_TYPE = "SpeculativeCache";
+const SVG = "http://www.w3.org/2000/svg";
 const EVENT = "speculative_cache.stats";
 const SETTING = "SpeculativeCache.ShowStats";
 const WIDGET = "speculative_cache_stats";
@@ -30,12 +35,37 @@ function formatBytes(n) {
   return `${Math.max(n / 2 ** 20, 0.01).toFixed(n >= 100 * 2 ** 20 ? 0 : 1)} MB`;
 }
 
+function formatSeconds(x) {
+  if (!Number.isFinite(x) || x <= 0) return "0 s";
+  if (x >= 90) return `${(x / 60).toFixed(1)} min`;
+  return `${x.toFixed(x >= 10 ? 0 : 1)} s`;
+}
+
 export function summaryText(s) {
   const steps = s.steps ?? 0;
   const done = (s.timeline ?? "").replace(/\./g, "").length;
   const head = s.final ? `${s.computed}/${steps} computed` : `step ${done}/${steps} · ${s.computed} computed`;
   const speed = Number.isFinite(s.speedup) ? `${Number(s.speedup).toFixed(1)}x` : "-";
-  return `${head} · ${s.rejected} rejected · ${speed} · ${formatBytes(s.cache_bytes)}`;
+  const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x)` : "";
+  const saved = `≈ ${formatSeconds(Number(s.saved_seconds))} saved`;
+  return `${head} · ${s.rejected} rejected · ${speed}${target} · ${saved} · ${formatBytes(s.cache_bytes)}`;
+}
+
+// The chart's geometry: x = evaluation, y = log10 of the error (dots) and of the threshold
+// (line), in a 100 x 30 box stretched to the panel.
+export function chartPoints(s) {
+  const errors = (s.errors ?? []).filter((e) => Number.isFinite(e[2]) && e[2] > 0 && e[3] > 0);
+  if (!errors.length) return null;
+  const n = Math.max(s.evaluations ?? 0, s.steps ?? 0, ...errors.map((e) => e[0] + 1), 1);
+  const logs = errors.flatMap((e) => [Math.log10(e[2]), Math.log10(e[3])]);
+  const lo = Math.min(...logs) - 0.15;
+  const hi = Math.max(...logs) + 0.15;
+  const y = (v) => 28 - (26 * (Math.log10(v) - lo)) / Math.max(hi - lo, 1e-6);
+  const x = (i) => (100 * (i + 0.5)) / n;
+  return {
+    dots: errors.map((e) => ({ x: x(e[0]), y: y(e[2]), accepted: Boolean(e[4]), error: e[2], threshold: e[3], eval: e[0] })),
+    line: errors.map((e) => `${x(e[0]).toFixed(2)},${y(e[3]).toFixed(2)}`).join(" "),
+  };
 }
 
 function makePanel() {
@@ -50,8 +80,44 @@ function makePanel() {
   const strip = document.createElement("div");
   strip.className = "speculative-cache-timeline";
   strip.style.cssText = "display:flex;height:12px;min-height:12px;gap:1px;";
-  root.append(text, strip);
-  return { root, text, strip };
+  const chart = document.createElementNS(SVG, "svg");
+  chart.setAttribute("class", "speculative-cache-chart");
+  chart.setAttribute("viewBox", "0 0 100 30");
+  chart.setAttribute("preserveAspectRatio", "none");
+  chart.style.cssText = "width:100%;height:30px;min-height:30px;background:rgba(0,0,0,0.15);";
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = "Verification error of each checked forecast (dots: green accepted, orange rejected) " +
+    "against its threshold (line), log scale";
+  chart.append(title);
+  root.append(text, strip, chart);
+  return { root, text, strip, chart, title };
+}
+
+function renderChart(panel, stats) {
+  const points = chartPoints(stats);
+  panel.chart.replaceChildren(panel.title);
+  if (!points) return;
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("class", "speculative-cache-threshold");
+  line.setAttribute("points", points.line);
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "#bbbbbb");
+  line.setAttribute("stroke-width", "0.6");
+  line.setAttribute("vector-effect", "non-scaling-stroke");
+  panel.chart.append(line);
+  for (const p of points.dots) {
+    const dot = document.createElementNS(SVG, "rect");
+    dot.setAttribute("class", `speculative-cache-error ${p.accepted ? "accepted" : "rejected"}`);
+    dot.setAttribute("x", (p.x - 0.6).toFixed(2));
+    dot.setAttribute("y", (p.y - 1.5).toFixed(2));
+    dot.setAttribute("width", "1.2");
+    dot.setAttribute("height", "3");
+    dot.setAttribute("fill", p.accepted ? COLORS.F : COLORS.R);
+    const tip = document.createElementNS(SVG, "title");
+    tip.textContent = `evaluation ${p.eval + 1}: error ${p.error.toPrecision(3)} vs threshold ${p.threshold.toPrecision(3)}`;
+    dot.append(tip);
+    panel.chart.append(dot);
+  }
 }
 
 function render(panel, stats) {
@@ -67,6 +133,7 @@ function render(panel, stats) {
       return cell;
     })
   );
+  renderChart(panel, stats);
 }
 
 function attachPanel(node) {
@@ -76,8 +143,8 @@ function attachPanel(node) {
     serialize: false,
     hideOnZoom: false,
     // the frontend keeps a 10 px margin above and below a DOM widget
-    getMinHeight: () => 56,
-    getMaxHeight: () => 56,
+    getMinHeight: () => 92,
+    getMaxHeight: () => 92,
   });
   if (widget) widget.serialize = false;
   node.speculativeCachePanel = panel;
@@ -104,12 +171,18 @@ app.registerExtension({
     },
   ],
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_TYPE) return;
+    if (!NODE_TYPES.includes(nodeData?.name)) return;
+    const legacy = nodeData.name === LEGACY_TYPE;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       try {
         attachPanel(this);
+        if (legacy && this.speculativeCachePanel) {
+          this.speculativeCachePanel.text.textContent =
+            "Legacy node: runs as before. New graphs: Speculative Cache + Speculative Cache Options " +
+            "(the console prints the equivalent settings).";
+        }
       } catch (e) {
         console.debug?.("Speculative Cache: no stats panel", e);
       }

@@ -1,0 +1,258 @@
+"""The nodes' inputs, declared once, and how a node's values become a CacheConfig.
+
+Three nodes share these declarations: the main **Speculative Cache** node (mode, one
+speed slider, start/end), the optional **Speculative Cache Options** node (everything
+else), and the legacy 19-input node that graphs saved before the split still use."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from comfy_api.latest import io
+
+from ..cache_core import CacheConfig
+from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
+from ..cache_core.presets import PAPER, PRESETS, resolve_settings
+from ..cache_core.target import mapped_target
+
+_D = CacheConfig()
+OPTIONS_TYPE = "SPECULATIVE_CACHE_OPTIONS"
+SpeculativeCacheOptionsType = io.Custom(OPTIONS_TYPE)
+
+
+def _slider_float(name, default, lo, hi, step, tooltip):
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip,
+                          display_mode=io.NumberDisplay.slider)
+
+
+def _slider_int(name, default, lo, hi, tooltip):
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tooltip,
+                        display_mode=io.NumberDisplay.slider)
+
+
+FAMILY_PRESETS = [p for p in PRESETS if p not in PAPER]
+
+# Each advanced input, by name (a function, so that every schema gets its own object).
+ADVANCED = {
+    "preset": lambda: io.Combo.Input(
+        "preset", options=list(PRESETS), default="auto",
+        tooltip="auto: tuned settings for the detected model family; inputs you changed from their "
+                "default still win. custom: exactly the inputs below. paper_flux / paper_hunyuan_video: "
+                "the SpeCa paper's settings (every input except threshold, which is the paper's base "
+                "threshold: 7.0 for FLUX, 1.0 for HunyuanVideo)."),
+    "family": lambda: io.Combo.Input(
+        "preset", options=FAMILY_PRESETS, default="auto",
+        tooltip="auto: tuned settings for the detected model family (inputs you changed from their "
+                "default still win). custom: exactly the inputs of this node. A family name: that "
+                "family's settings on any model."),
+    "method": lambda: io.Combo.Input(
+        "method", options=list(METHODS), default=_D.method,
+        tooltip="speca: forecast, then verify each forecast with the real last block; recompute when "
+                "it is off. The others forecast on a fixed interval (max_forecast_steps) without "
+                "verification: taylorseer (Taylor), reuse (FORA), hicache (Hermite), foca (FoCa), "
+                "clusca (ClusCa token clusters)."),
+    "threshold": lambda: _slider_float(
+        "threshold", _D.threshold, 0.0, 10.0, 0.005,
+        "Verification tolerance: the largest relative error of the last block's output that a "
+        "forecast may have (0.15 = 15 %). Lower = closer to the uncached picture and slower; "
+        "0 disables forecasting (identical output). Only speca verifies."),
+    "threshold_override": lambda: io.Float.Input(
+        "threshold", default=-1.0, min=-1.0, max=10.0, step=0.005,
+        tooltip="An exact verification threshold in the metric's units (relative_norm: 0.15 = 15 %). "
+                "-1: from the main node's speed slider."),
+    "forecaster": lambda: io.Combo.Input(
+        "forecaster", options=list(FORECASTERS), default=_D.forecaster,
+        tooltip="SpeCa's draft: taylor (polynomial through the last computed steps), hicache "
+                "(Hermite basis, damped), foca (velocity fit + Heun corrector)."),
+    "order": lambda: _slider_int("order", _D.order, 0, 4,
+                                 "Order of the forecast polynomial through the last computed steps "
+                                 "(0 = reuse, 1 = linear, 2 = quadratic)."),
+    "warmup_steps": lambda: _slider_int("warmup_steps", _D.warmup_steps, 0, 100,
+                                        "Steps computed fully at the start, before any forecast."),
+    "max_forecast_steps": lambda: _slider_int("max_forecast_steps", _D.max_forecast_steps, 1, 50,
+                                              "At most this many forecast steps in a row, then a full step."),
+    "start_percent": lambda: _slider_float("start_percent", _D.start_percent, 0.0, 1.0, 0.01,
+                                           "Forecasting may start at this fraction of the schedule."),
+    "end_percent": lambda: _slider_float("end_percent", _D.end_percent, 0.0, 1.0, 0.01,
+                                         "Forecasting stops at this fraction of the schedule; later steps "
+                                         "are computed."),
+    "final_full_steps": lambda: _slider_int("final_full_steps", _D.final_full_steps, 0, 100,
+                                            "Steps computed fully at the end of the schedule (fine detail "
+                                            "forms there)."),
+    "on_reject": lambda: io.Combo.Input(
+        "on_reject", options=list(ON_REJECT), default=_D.on_reject,
+        tooltip="When a forecast fails verification: redo = compute this step fully (a rejected "
+                "forecast is never used); next = keep it and compute the next step fully (the SpeCa "
+                "paper's behaviour: faster, less faithful)."),
+    "metric": lambda: io.Combo.Input(
+        "metric", options=list(METRICS), default=_D.metric,
+        tooltip="relative_norm: ||forecast - real|| / ||real||. relative_l1: the SpeCa paper's "
+                "element-wise relative L1 (its FLUX base threshold is 7.0). relative_change: the part of "
+                "the feature's movement since the last computed step that the forecast missed (reuse "
+                "scores 1; the same threshold means the same on any model's scale)."),
+    "threshold_decay": lambda: _slider_float("threshold_decay", _D.threshold_decay, 0.01, 1.0, 0.01,
+                                             "The threshold is multiplied by decay^progress along the "
+                                             "schedule (stricter late in sampling); 1 keeps it constant."),
+    "threshold_floor": lambda: _slider_float("threshold_floor", _D.threshold_floor, 0.0, 10.0, 0.005,
+                                             "The decayed threshold never falls below this."),
+    "storage_dtype": lambda: io.Combo.Input(
+        "storage_dtype", options=["auto", "float32", "bfloat16", "float16"], default="auto",
+        tooltip="Precision of the stored forecast history. auto keeps the model's precision; "
+                "bfloat16 halves the cache memory of a float32 model."),
+    "granularity": lambda: io.Combo.Input(
+        "granularity", options=["stack", "block"], default=_D.granularity,
+        tooltip="stack: forecast the residual of each block stage (small memory, the default). "
+                "block: forecast every block's attention and MLP outputs (TaylorSeer; closer to the "
+                "papers, needs gigabytes on FLUX at 1024x1024). clusca always uses block."),
+    "clusters": lambda: _slider_int("clusters", _D.clusters, 1, 256,
+                                    "ClusCa: number of token clusters; one token per cluster is computed "
+                                    "for real at each forecast step."),
+    "gamma": lambda: _slider_float("gamma", _D.gamma, 0.0, 1.0, 0.001,
+                                   "ClusCa: how far every token's cached MLP output moves towards its "
+                                   "cluster's fresh value (0 = only the computed tokens are refreshed)."),
+    "step_weighting": lambda: io.Boolean.Input(
+        "step_weighting", default=_D.step_weighting,
+        tooltip="Scale each step's threshold by the sampler's step size (lenient on small early steps, "
+                "strict on the large last ones)."),
+    "max_overhead": lambda: _slider_float("max_overhead", _D.max_overhead, 0.0, 1.0, 0.005,
+                                          "Back-off: rejected verifications may cost at most this fraction "
+                                          "of an uncached run (0.02: a run never costs more than 1.02x "
+                                          "uncached)."),
+}
+
+# The legacy node's widgets, in their saved order (graphs store widget values by position).
+LEGACY_ORDER = ["preset", "method", "threshold", "forecaster", "order", "warmup_steps", "max_forecast_steps",
+                "start_percent", "end_percent", "final_full_steps", "on_reject", "metric", "threshold_decay",
+                "threshold_floor", "storage_dtype", "granularity", "clusters", "gamma"]
+# The options node: everything the main node leaves out. New inputs go at the END.
+OPTIONS_ORDER = ["family", "method", "forecaster", "order", "warmup_steps", "max_forecast_steps",
+                 "final_full_steps", "on_reject", "metric", "threshold_decay", "threshold_floor",
+                 "storage_dtype", "granularity", "clusters", "gamma", "step_weighting", "max_overhead",
+                 "threshold_override"]
+
+
+def legacy_inputs():
+    return [ADVANCED[name]() for name in LEGACY_ORDER]
+
+
+def options_inputs():
+    return [ADVANCED[name]() for name in OPTIONS_ORDER]
+
+
+LEGACY_DEFAULTS = {i.id: i.default for i in legacy_inputs()}
+OPTIONS_DEFAULTS = {i.id: i.default for i in options_inputs()}
+# CacheConfig's own defaults, to tell which values a user changed.
+CONFIG_DEFAULTS = {f.name: getattr(_D, f.name) for f in fields(CacheConfig)}
+
+# ---- the main node's speed slider -----------------------------------------------------
+MODES = ("auto", "speed_target", *PAPER.keys())
+# Where speed 0.5 lands: the metric's default threshold (the papers' base thresholds).
+BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
+SPEED_TARGET_ORDER = 1
+PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
+# speed 0 -> off; speed -> 0+: base x 2/15; 0.5: base; 1: base x 20/3 (0.02 .. 0.15 .. 1.0 for
+# relative_norm, the range where the threshold changes what a run does).
+_LOOSEST, _STRICTEST = 1.0 / 0.15, 0.02 / 0.15
+
+
+def speed_to_threshold(speed: float, base: float) -> float:
+    """The verification threshold of the speed slider: 0 = off, geometric on each half."""
+    s = min(max(float(speed), 0.0), 1.0)
+    if s <= 0.0:
+        return 0.0
+    exponent = 2.0 * s - 1.0
+    factor = _LOOSEST ** exponent if exponent >= 0 else _STRICTEST ** (-exponent)
+    return base * factor
+
+
+def _finish(preset, family, values):
+    values = dict(values)
+    if values.get("storage_dtype") == "auto":
+        values["storage_dtype"] = None
+    return resolve_settings(preset, family, values, CONFIG_DEFAULTS)
+
+
+def legacy_config(family: str, values: dict) -> CacheConfig:
+    """The legacy node's config: its inputs are CacheConfig fields, by name. ``family``:
+    the detected model family (for the auto preset)."""
+    values = {**LEGACY_DEFAULTS, **values}
+    preset = values.pop("preset")
+    return _finish(preset, family, values)
+
+
+def simple_config(family: str, mode: str, speed: float, start_percent: float, end_percent: float,
+                  options: dict | None) -> tuple[CacheConfig, str]:
+    """The main node's config and a one-line description of what the slider set."""
+    if mode not in MODES:
+        raise ValueError(f"Speculative Cache: unknown mode {mode!r}; choose from {MODES}")
+    opts = {**OPTIONS_DEFAULTS, **(options or {})}
+    preset = opts.pop("preset")
+    override = float(opts.pop("threshold"))
+    values = dict(opts, start_percent=start_percent, end_percent=end_percent)
+    if mode in PAPER:
+        preset = mode
+        base = PAPER_BASE_THRESHOLD[mode]
+    else:
+        base = BASE_THRESHOLD[values["metric"]]
+    if speed <= 0.0:
+        # 0 = off, whatever the method: the model runs as without the node.
+        config = _finish("custom", family, dict(values, method="speca", threshold=0.0))
+        return config, "off (speed 0)"
+    values["threshold"] = override if override >= 0.0 else speed_to_threshold(speed, base)
+    if mode == "speed_target":
+        values["target_speedup"] = mapped_target(speed)
+        # Linear forecasts hold up better over the longer streaks a target asks for (on the
+        # reference model at 2x: 40.2 dB with order 1, 32.3 dB with order 2); an order set
+        # on the Options node still wins.
+        if values["order"] == OPTIONS_DEFAULTS["order"]:
+            values["order"] = SPEED_TARGET_ORDER
+    config = _finish(preset, family, values)
+    if mode == "speed_target":
+        what = f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
+    else:
+        what = f"threshold {config.threshold:.4g} ({config.metric})"
+    return config, what
+
+
+def check_known(inputs: dict, known, node: str) -> None:
+    unknown = set(inputs) - set(known)
+    if unknown:
+        raise ValueError(f"{node}: unknown inputs {sorted(unknown)}")
+
+
+
+def migrate_legacy(values: dict) -> dict:
+    """The main node's inputs that give the legacy node's settings ``values`` (by input
+    name, whatever order a saved graph stored them in): mode, speed, start/end percent,
+    and an ``options`` dict (None when every option is at its default)."""
+    v = {**LEGACY_DEFAULTS, **values}
+    preset = v["preset"]
+    mode = preset if preset in PAPER else "auto"
+    base = PAPER_BASE_THRESHOLD[mode] if mode in PAPER else BASE_THRESHOLD[v["metric"]]
+    threshold = float(v["threshold"])
+    options = {name: v[name] for name in OPTIONS_DEFAULTS if name in v and name not in ("preset", "threshold")}
+    options["preset"] = "auto" if mode in PAPER else preset
+    options["threshold"] = -1.0
+    speed = 0.5
+    if threshold <= 0.0 and v["method"] == "speca":
+        speed = 0.0                 # off
+    else:
+        exact = [s / 100 for s in range(1, 101) if math.isclose(speed_to_threshold(s / 100, base), threshold,
+                                                                 rel_tol=1e-9)]
+        if exact:
+            speed = exact[0]
+        else:
+            options["threshold"] = threshold
+    changed = {k: x for k, x in options.items() if x != OPTIONS_DEFAULTS[k]}
+    return {"mode": mode, "speed": speed, "start_percent": v["start_percent"], "end_percent": v["end_percent"],
+            "options": {**OPTIONS_DEFAULTS, **changed} if changed else None}
+
+
+def describe_migration(migrated: dict) -> str:
+    options = migrated["options"] or {}
+    changed = ", ".join(f"{k}={options[k]}" for k in options if options[k] != OPTIONS_DEFAULTS[k])
+    main = f"Speculative Cache (mode {migrated['mode']}, speed {migrated['speed']:.2f}"
+    if (migrated["start_percent"], migrated["end_percent"]) != (0.0, 1.0):
+        main += f", start {migrated['start_percent']}, end {migrated['end_percent']}"
+    return main + ")" + (f" + Speculative Cache Options ({changed})" if changed else "")

@@ -1,0 +1,157 @@
+"""The main Speculative Cache node (mode, one speed slider, start/end), its Options node,
+the speed target, and graphs saved with the legacy 19-input node; through ComfyUI's real
+sampler on ComfyUI's own model classes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from benchmarks import comfy_env
+from benchmarks import tiny_models as tm
+
+pytestmark = pytest.mark.comfy
+
+LEGACY_WORKFLOW = comfy_env.PACK_ROOT / "tests" / "data" / "legacy_flux_workflow.json"
+
+
+@pytest.fixture(scope="module")
+def inputs_mod(spec_nodes):
+    return importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.inputs")
+
+
+@pytest.fixture(scope="module")
+def flux(spec_nodes):
+    return tm.build("flux", seed=3)
+
+
+def config_of(patched):
+    return patched.model_options["transformer_options"]["speculative_cache"].config
+
+
+def simple(spec_nodes, model, **inputs):
+    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
+
+
+def options(spec_nodes, **inputs):
+    return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]
+
+
+def test_main_node_has_six_inputs_and_a_slider_that_does_something_everywhere(spec_nodes, inputs_mod):
+    info = spec_nodes.SpeculativeCacheSimple.GET_NODE_INFO_V1()
+    assert info["display_name"] == "Speculative Cache"
+    required, optional = info["input"]["required"], info["input"].get("optional", {})
+    assert list(required) == ["model", "mode", "speed", "start_percent", "end_percent"]
+    assert list(optional) == ["options"] and optional["options"][0] == "SPECULATIVE_CACHE_OPTIONS"
+    speed = required["speed"][1]
+    assert (speed["min"], speed["max"], speed["default"], speed["display"]) == (0.0, 1.0, 0.5, "slider")
+    assert all(spec[1].get("tooltip") for name, spec in required.items() if name != "model")
+    # every 0.05 of the slider's travel moves the threshold by at least 10 %, within 0.02 .. 1.0
+    values = [inputs_mod.speed_to_threshold(s / 100, 0.15) for s in range(0, 101, 5)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(0.02 * (0.15 / 0.02) ** 0.1)
+    assert values[10] == pytest.approx(0.15) and values[-1] == pytest.approx(1.0)
+    assert all(b > 1.1 * a for a, b in zip(values[1:], values[2:]))
+    # the options node carries everything else, each with a default and a tooltip
+    opt = spec_nodes.SpeculativeCacheOptions.GET_NODE_INFO_V1()
+    assert opt["output"] == ["SPECULATIVE_CACHE_OPTIONS"]
+    names = set(opt["input"]["required"])
+    assert {"method", "forecaster", "order", "warmup_steps", "metric", "threshold_decay", "storage_dtype",
+            "granularity", "clusters", "gamma"} <= names
+    assert all(spec[1].get("tooltip") and "default" in spec[1] for spec in opt["input"]["required"].values())
+
+
+def test_defaults_are_the_legacy_nodes_defaults(spec_nodes, flux, inputs_mod):
+    assert config_of(simple(spec_nodes, flux)) == inputs_mod.legacy_config("flux", {})
+    assert config_of(simple(spec_nodes, flux, options=options(spec_nodes))) == inputs_mod.legacy_config("flux", {})
+
+
+def test_speed_zero_is_bit_identical(spec_nodes, flux, stats_log):
+    ref = tm.sample(flux, "flux", steps=12)
+    for mode in ("auto", "speed_target", "paper_flux"):
+        out = tm.sample(simple(spec_nodes, flux, mode=mode, speed=0.0), "flux", steps=12)
+        assert torch.equal(out, ref), mode
+        assert stats_log[-1]["computed"] == 12 and stats_log[-1]["forecast"] == 0
+    # off even when the options pick a method that does not verify
+    out = tm.sample(simple(spec_nodes, flux, speed=0.0, options=options(spec_nodes, method="taylorseer")),
+                    "flux", steps=12)
+    assert torch.equal(out, ref)
+
+
+def test_options_reach_the_run(spec_nodes, flux, stats_log):
+    opts = options(spec_nodes, method="taylorseer", max_forecast_steps=3, warmup_steps=2, final_full_steps=1,
+                   storage_dtype="bfloat16")
+    patched = simple(spec_nodes, flux, options=opts)
+    cfg = config_of(patched)
+    assert (cfg.method, cfg.max_forecast_steps, cfg.warmup_steps, cfg.storage_dtype) == ("taylorseer", 3, 2, "bfloat16")
+    tm.sample(patched, "flux", steps=12)
+    assert stats_log[-1]["method"] == "taylorseer"
+    assert stats_log[-1]["timeline"] == "CCFFFCFFFCFC"      # 3 forecasts in a row, then a full step
+    with pytest.raises(ValueError, match="Options"):
+        simple(spec_nodes, flux, options={"no_such_option": 1})
+
+
+def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, flux):
+    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(0.15 * (0.02 / 0.15) ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(0.15 * (1 / 0.15) ** 0.5)
+    paper = config_of(simple(spec_nodes, flux, mode="paper_flux"))
+    assert (paper.threshold, paper.metric, paper.order, paper.on_reject) == (7.0, "relative_l1", 2, "next")
+    assert config_of(simple(spec_nodes, flux, mode="paper_hunyuan_video")).threshold == 1.0
+    exact = config_of(simple(spec_nodes, flux, options=options(spec_nodes, threshold=0.033)))
+    assert exact.threshold == 0.033
+    target = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25))
+    assert (target.target_speedup, target.order) == (2.0, 1)
+    opts = options(spec_nodes, order=3)
+    assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).order == 3
+
+
+@pytest.mark.parametrize("legacy", [
+    {},                                                             # the defaults
+    None,                                                           # the shipped 0.1 workflow
+    dict(threshold=0.3, method="speca", order=1, granularity="block", start_percent=0.1),
+    dict(preset="paper_flux", threshold=7.0),
+    dict(preset="paper_hunyuan_video", threshold=2.0),
+    dict(threshold=0.0),
+    dict(method="taylorseer", threshold=0.0, max_forecast_steps=3),
+    dict(preset="custom", metric="relative_l1", threshold=5.0, storage_dtype="bfloat16", clusters=8),
+], ids=lambda v: "workflow" if v is None else ("-".join(f"{k}={x}" for k, x in v.items()) or "defaults"))
+def test_a_legacy_graph_migrates_by_input_name_to_the_same_settings(spec_nodes, flux, inputs_mod, legacy):
+    """Settings saved on the 19-input node, read by input name, give the same CacheConfig on
+    the legacy node and on the main node + Options node they migrate to."""
+    if legacy is None:
+        wf = json.loads(LEGACY_WORKFLOW.read_text())
+        node = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCache")
+        legacy = dict(zip(inputs_mod.LEGACY_ORDER, node["widgets_values"], strict=True))
+        assert legacy["max_forecast_steps"] == 4          # that workflow differs from today's default
+    old = config_of(spec_nodes.SpeculativeCache.execute(flux, **legacy).result[0])
+    migrated = inputs_mod.migrate_legacy(legacy)
+    opts = migrated.pop("options")
+    new = config_of(simple(spec_nodes, flux, **migrated, options=options(spec_nodes, **opts) if opts else None))
+    assert new == old
+    assert "Speculative Cache (mode" in inputs_mod.describe_migration(dict(migrated, options=opts))
+
+
+@pytest.mark.parametrize("target", [2.0, 2.5])
+def test_speed_target_reaches_its_speedup_on_the_reference_model(spec_nodes, stats_log, target):
+    """Closed loop on a trained model: the run's compute lands near 1/target, and the stats
+    carry the target."""
+    from benchmarks import reference_model as rm
+    ref_model = rm.load_reference()
+    speed = (target - 1.0) / 4.0
+    patched = simple(spec_nodes, ref_model, mode="speed_target", speed=speed)
+    rm.sample(patched, [0], [1], steps=28)
+    s = stats_log[-1]
+    assert s["target_speedup"] == pytest.approx(target)
+    assert 1.0 / s["compute_fraction"] == pytest.approx(target, rel=0.15), s["timeline"]
+    assert s["rejected"] < s["verified"]
+
+
+def test_stats_carry_the_time_saved(spec_nodes, flux, stats_log):
+    tm.sample(simple(spec_nodes, flux, speed=1.0), "flux", steps=12)
+    s = stats_log[-1]
+    assert s["elapsed_seconds"] > 0
+    assert s["saved_seconds"] == pytest.approx(s["elapsed_seconds"] / s["compute_fraction"] - s["elapsed_seconds"],
+                                               rel=1e-2, abs=1e-3)
+    assert s["errors"] and all(len(e) == 5 for e in s["errors"])   # the chart's points
