@@ -90,3 +90,19 @@ def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
     import benchmarks.tiny_models as tm
     out = spec_nodes.SpeculativeCacheSimple.execute(tm.build("flux"), **settings)
     assert out.result[0] is not None
+
+
+def test_comparison_workflow_samples_the_same_seed_with_and_without_the_cache():
+    """Two KSamplers with the same settings, conditioning and latent: one through the node,
+    one straight from the loader; their images are stitched side by side."""
+    wf = json.loads((comfy_env.PACK_ROOT / "workflows" / "flux_dev_compare_with_and_without_cache.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    source = {(dst, dslot): src for _, src, _, dst, dslot, _ in wf["links"]}
+    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    assert len(samplers) == 2 and samplers[0]["widgets_values"] == samplers[1]["widgets_values"]
+    models = sorted(by_id[source[(k["id"], 0)]]["type"] for k in samplers)
+    assert models == ["SpeculativeCacheSimple", "UNETLoader"]
+    for slot in (1, 2, 3):              # positive, negative, latent: the same nodes
+        assert source[(samplers[0]["id"], slot)] == source[(samplers[1]["id"], slot)]
+    stitch = next(n for n in wf["nodes"] if n["type"] == "ImageStitch")
+    assert {by_id[source[(stitch["id"], s)]]["type"] for s in (0, 1)} == {"VAEDecode"}

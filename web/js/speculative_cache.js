@@ -108,10 +108,10 @@ function renderChart(panel, stats) {
   for (const p of points.dots) {
     const dot = document.createElementNS(SVG, "rect");
     dot.setAttribute("class", `speculative-cache-error ${p.accepted ? "accepted" : "rejected"}`);
-    dot.setAttribute("x", (p.x - 0.6).toFixed(2));
-    dot.setAttribute("y", (p.y - 1.5).toFixed(2));
-    dot.setAttribute("width", "1.2");
-    dot.setAttribute("height", "3");
+    dot.setAttribute("x", (p.x - 0.8).toFixed(2));
+    dot.setAttribute("y", (p.y - 2).toFixed(2));
+    dot.setAttribute("width", "1.6");
+    dot.setAttribute("height", "4");
     dot.setAttribute("fill", p.accepted ? COLORS.F : COLORS.R);
     const tip = document.createElementNS(SVG, "title");
     tip.textContent = `evaluation ${p.eval + 1}: error ${p.error.toPrecision(3)} vs threshold ${p.threshold.toPrecision(3)}`;
