@@ -137,8 +137,11 @@ def available(name: str) -> bool:
     return hasattr(sm, CONFIGS[name]["cls"])
 
 
-def build(name: str, seed: int = 0, depth: int | None = None, single: int | None = None):
-    """A ModelPatcher around ComfyUI's own model class at tiny size, weights N(0, 0.02)."""
+def build(name: str, seed: int = 0, depth: int | None = None, single: int | None = None,
+          weight_dtype: torch.dtype | None = None):
+    """A ModelPatcher around ComfyUI's own model class at tiny size, weights N(0, 0.02).
+    ``weight_dtype`` (e.g. torch.float8_e4m3fn): weights stored in that type and cast to
+    float32 on the fly, as ComfyUI's UNETLoader does with its weight_dtype input."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -150,7 +153,10 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
     if single is not None:
         unet["depth_single_blocks"] = single
     cfg = getattr(sm, spec["cls"])(complete_unet_config(unet))
-    cfg.set_inference_dtype(torch.float32, None)
+    if weight_dtype is None:
+        cfg.set_inference_dtype(torch.float32, None)
+    else:
+        cfg.set_inference_dtype(weight_dtype, torch.float32)   # stored low, computed in float32
     model = cfg.get_model({}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -110,8 +110,10 @@ class RunContext:
     def step_index_for(self, sigma: float) -> int:
         if self.callback_seen:
             return self.steps_done
-        # No callback (custom sampler): position of sigma in the schedule.
-        return sum(1 for s in self.sample_sigmas[:-1] if s > sigma + 1e-9)
+        # No callback yet (the first evaluation, or a custom sampler): position of sigma in the
+        # schedule. Relative tolerance: SDE samplers evaluate a flow model's first step at
+        # 0.99997 instead of 1.0.
+        return sum(1 for s in self.sample_sigmas[:-1] if s > sigma * (1 + 1e-3) + 1e-9)
 
 
 def _run_context(transformer_options) -> RunContext | None:

@@ -1,0 +1,106 @@
+"""How people really run the node (issue: never breaks a real workflow): every sampler
+ComfyUI lists, LoRA before the node, fp8 weights; through ComfyUI's real sampler on
+ComfyUI's own FLUX class at a tiny size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import tiny_models as tm
+
+pytestmark = pytest.mark.comfy
+
+
+def _samplers():
+    try:
+        from benchmarks import comfy_env
+        comfy_env.setup_comfyui()
+        import comfy.samplers
+        return list(comfy.samplers.KSampler.SAMPLERS)
+    except Exception:          # no ComfyUI: the module's tests skip (or fail under CI) in spec_nodes
+        return ["euler"]
+
+
+SAMPLERS = _samplers()
+# These choose their own steps instead of the schedule's (DPM-Solver fast / adaptive).
+OWN_STEPS = {"dpm_fast", "dpm_adaptive"}
+
+
+@pytest.fixture(scope="module")
+def flux(spec_nodes):
+    return tm.build("flux", seed=3)
+
+
+def simple(spec_nodes, model, **inputs):
+    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_comfyui_lists_runs_and_is_identical_when_off(spec_nodes, flux, stats_log, sampler):
+    """Each entry of KSampler's sampler_name: at speed 0 bit-identical to the model without the
+    node; at a speed that forecasts, finite, every step accounted for, and near the uncached
+    result."""
+    steps = 6
+    ref = tm.sample(flux, "flux", steps=steps, sampler=sampler)
+    off = tm.sample(simple(spec_nodes, flux, speed=0.0), "flux", steps=steps, sampler=sampler)
+    assert torch.equal(off, ref)
+    assert stats_log[-1]["forecast"] == 0
+    on = tm.sample(simple(spec_nodes, flux, speed=1.0), "flux", steps=steps, sampler=sampler)
+    s = stats_log[-1]
+    assert torch.isfinite(on).all()
+    assert s["internal_error"] == ""
+    if sampler in OWN_STEPS:
+        assert s["evaluations"] > 0 and s["timeline"].rstrip(".") and "." not in s["timeline"].rstrip(".")
+    else:
+        assert s["computed"] + s["forecast"] == s["steps"] == steps, (s["timeline"], s["evaluations"])
+    assert ((on - ref).norm() / ref.norm()).item() < 0.5
+
+
+@pytest.mark.parametrize("weight_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_weights_cast_on_the_fly(spec_nodes, stats_log, weight_dtype):
+    """UNETLoader's weight_dtype fp8: weights stored in fp8, computed in float32 (ComfyUI's
+    manual cast). Off is bit-identical, on forecasts and stays close; the cache keeps the
+    compute dtype, not fp8."""
+    m = tm.build("flux", seed=3, weight_dtype=getattr(torch, weight_dtype))
+    assert m.model.diffusion_model.img_in.weight.dtype == getattr(torch, weight_dtype)
+    ref = tm.sample(m, "flux", steps=10)
+    assert torch.equal(tm.sample(simple(spec_nodes, m, speed=0.0), "flux", steps=10), ref)
+    on = tm.sample(simple(spec_nodes, m, speed=1.0), "flux", steps=10)
+    s = stats_log[-1]
+    assert s["forecast"] > 0 and s["internal_error"] == "" and s["cache_bytes"] > 0
+    assert torch.isfinite(on).all() and ((on - ref).norm() / ref.norm()).item() < 0.1
+
+
+def _lora(model, rank=4, seed=11):
+    """A LoRA for every linear weight of the tiny FLUX, in the kohya key format ComfyUI reads."""
+    import comfy.lora
+    g = torch.Generator().manual_seed(seed)
+    weights = model.model.state_dict()
+    lora = {}
+    for key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if not key.startswith("lora_unet_") or weights[target].dim() != 2:
+            continue
+        out_f, in_f = weights[target].shape
+        lora[f"{key}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.05
+        lora[f"{key}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.05
+        lora[f"{key}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def test_lora_before_the_node(spec_nodes, flux, stats_log):
+    """LoraLoaderModelOnly before the node: the LoRA changes the picture, the node at speed 0
+    gives the LoRA'd picture bit for bit, and forecasting stays near it. The base model is
+    left as it was."""
+    import comfy.sd
+    base = tm.sample(flux, "flux", steps=10)
+    lora = _lora(flux)
+    assert len(lora) > 30
+    patched, _ = comfy.sd.load_lora_for_models(flux, None, lora, 1.0, 0)
+    with_lora = tm.sample(patched, "flux", steps=10)
+    assert ((with_lora - base).norm() / base.norm()).item() > 0.01        # the LoRA is applied
+    assert torch.equal(tm.sample(simple(spec_nodes, patched, speed=0.0), "flux", steps=10), with_lora)
+    on = tm.sample(simple(spec_nodes, patched, speed=1.0), "flux", steps=10)
+    assert stats_log[-1]["forecast"] > 0
+    assert ((on - with_lora).norm() / with_lora.norm()).item() < 0.1
+    assert torch.equal(tm.sample(flux, "flux", steps=10), base)          # nothing left on the base model
