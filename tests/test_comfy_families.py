@@ -19,7 +19,7 @@ from conftest import cached, live_tensor_count
 pytestmark = pytest.mark.comfy
 
 # tiny config -> family it must be recognised as
-BLOCK_LEVEL = {"wan21": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
+BLOCK_LEVEL = {"wan21": "wan", "wan21_i2v": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
                "hunyuan_video15": "hunyuan_video", "flux2": "flux"}
 OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
 
