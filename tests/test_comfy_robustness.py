@@ -104,3 +104,34 @@ def test_lora_before_the_node(spec_nodes, flux, stats_log):
     assert stats_log[-1]["forecast"] > 0
     assert ((on - with_lora).norm() / with_lora.norm()).item() < 0.1
     assert torch.equal(tm.sample(flux, "flux", steps=10), base)          # nothing left on the base model
+
+
+@pytest.mark.parametrize("order", ["compile_then_cache", "cache_then_compile"])
+def test_torch_compile_before_or_after_the_node(spec_nodes, flux, stats_log, order):
+    """ComfyUI's TorchCompileModel path (its set_torch_compile_wrapper), before or after the
+    node. The backend is Dynamo's "eager": Dynamo traces the model and our hooks exactly as
+    with inductor (that tracing is what breaks other caches), without inductor's minutes of
+    C++ code generation on the CPU runners. Off: the uncompiled, uncached result; on: the
+    cache still forecasts, with no internal error."""
+    torch_compile = pytest.importorskip("comfy_api.torch_helpers.torch_compile")
+    import torch._dynamo
+
+    def compiled(m):
+        m = m.clone()
+        torch_compile.set_torch_compile_wrapper(model=m, backend="eager")
+        return m
+
+    def chain(speed):
+        if order == "compile_then_cache":
+            return simple(spec_nodes, compiled(flux), speed=speed)
+        return compiled(simple(spec_nodes, flux, speed=speed))
+
+    torch._dynamo.reset()
+    ref = tm.sample(flux, "flux", steps=8)
+    off = tm.sample(chain(0.0), "flux", steps=8)
+    assert torch.allclose(off, ref, atol=1e-5, rtol=1e-5)
+    on = tm.sample(chain(1.0), "flux", steps=8)
+    s = stats_log[-1]
+    assert s["forecast"] > 0 and s["internal_error"] == ""
+    assert torch.isfinite(on).all() and ((on - ref).norm() / ref.norm()).item() < 0.1
+    torch._dynamo.reset()
