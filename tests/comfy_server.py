@@ -74,10 +74,12 @@ class ComfyServer:
             return json.loads(r.read())
 
     def post(self, path: str, data: dict):
+        """POST JSON; the JSON answer, or None for an empty one (/interrupt, /queue)."""
         req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+            body = r.read()
+        return json.loads(body) if body.strip() else None
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

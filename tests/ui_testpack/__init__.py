@@ -60,3 +60,43 @@ class SCTestLatentSink:
 
 NODE_CLASS_MAPPINGS = {"SCTestTinyFlux": SCTestTinyFlux, "SCTestConditioning": SCTestConditioning,
                        "SCTestLatentSink": SCTestLatentSink}
+
+
+def _memory() -> dict:
+    """What the server process holds: open Speculative Cache runs, the bytes of every stream
+    cache still alive, all torch tensors, and the resident memory."""
+    import gc
+    import os
+    import warnings
+
+    import torch
+    gc.collect()
+    runs = streams = tensors = 0
+    open_runs, cache_bytes = 0, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            name = type(o).__name__
+            if name == "SpeculativeRun":
+                runs += 1
+                open_runs += not o.closed
+            elif name == "StreamCache":
+                streams += 1
+                cache_bytes += o.nbytes()
+            elif isinstance(o, torch.Tensor):
+                tensors += 1
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"runs": runs, "open_runs": open_runs, "streams": streams, "cache_bytes": cache_bytes,
+            "tensors": tensors, "rss": rss}
+
+
+try:  # a route for the soak test (benchmarks/soak.py): memory held after many prompts
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get("/sc_test/memory")
+    async def _memory_route(request):
+        return web.json_response(_memory())
+except Exception:  # not inside a ComfyUI server
+    pass

@@ -1,0 +1,215 @@
+"""Soak test: many prompts through a real ComfyUI server with this pack, the way a server
+that runs for hours sees them.
+
+    .venv/bin/python -m benchmarks.soak --prompts 200          (about 5 minutes on 2 cores)
+
+Each prompt draws a seed, a resolution, a batch size, a step count and a node setting (the
+main node in auto / speed-target / off mode, with or without an Options node, the legacy
+node with other methods); some are interrupted at a random step (``/interrupt``), some are
+queued behind another and cancelled (``/queue`` delete). After every finished prompt its
+final ``speculative_cache.stats`` event must be consistent (every step accounted for, one
+report per run); after all of them the server must hold no open run and no cached tensor,
+its tensor count must be back where it was after warm-up, and its resident memory flat
+within a margin. The CI variant (tests/test_soak.py) runs 30 prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from comfy_server import ComfyServer, api_graph, widget_defaults  # noqa: E402
+
+RESOLUTIONS = [(64, 64), (128, 128), (96, 128), (128, 64)]
+SETTINGS = ["auto", "auto_fast", "speed_target", "off", "options_block", "options_clusca", "legacy_taylorseer",
+            "legacy_reuse"]
+TINY_FLUX_BLOCKS = 4          # the test pack's model: 2 double + 2 single blocks
+RSS_MARGIN = 200 * 2**20      # resident memory may move this much after warm-up (allocator, caches)
+TENSOR_MARGIN = 64            # live tensors may differ this much from after warm-up (ComfyUI's output cache)
+
+
+class Soak:
+    def __init__(self, server: ComfyServer, seed: int = 0, log=print):
+        import websocket
+        self.server = server
+        self.rng = random.Random(seed)
+        self.log = log
+        self.client_id = uuid.uuid4().hex
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
+                                              timeout=120)
+        self.options_defaults = widget_defaults(
+            server.get("/object_info/SpeculativeCacheOptions")["SpeculativeCacheOptions"])
+        self.legacy_defaults = widget_defaults(server.get("/object_info/SpeculativeCache")["SpeculativeCache"])
+        self.problems: list[str] = []
+        self.counts = {"completed": 0, "interrupted": 0, "cancelled": 0}
+
+    # ---- one prompt -------------------------------------------------------------
+    def graph(self):
+        r = self.rng
+        steps = r.choice([4, 6, 8, 10])
+        setting = r.choice(SETTINGS)
+        options = None
+        sc_type = "SpeculativeCacheSimple"
+        main = {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
+        if setting == "auto_fast":
+            main["speed"] = round(r.uniform(0.6, 1.0), 2)
+        elif setting == "speed_target":
+            main.update(mode="speed_target", speed=round(r.uniform(0.1, 0.5), 2))
+        elif setting == "off":
+            main["speed"] = 0.0
+        elif setting == "options_block":
+            options = dict(self.options_defaults, granularity="block", threshold=5.0, warmup_steps=1)
+        elif setting == "options_clusca":
+            options = dict(self.options_defaults, method="clusca", clusters=4, warmup_steps=1)
+        elif setting.startswith("legacy_"):
+            sc_type = "SpeculativeCache"
+            main = dict(self.legacy_defaults, method=setting[len("legacy_"):], max_forecast_steps=2)
+        g = api_graph(main, steps=steps, cfg=r.choice([1.0, 2.0]), seed=r.randrange(10_000), sc_type=sc_type,
+                      options=options)
+        w, h = r.choice(RESOLUTIONS)
+        g["3"]["inputs"].update(width=w, height=h, batch_size=r.choice([1, 1, 2]))
+        return g, steps, setting
+
+    def post(self, graph) -> str:
+        return self.server.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+
+    def wait(self, prompt_id, interrupt_at=None, timeout=120):
+        """Events until ``prompt_id`` ends; with ``interrupt_at``, POST /interrupt after that
+        many stats events. Returns (final stats events, how it ended)."""
+        finals, seen, deadline = [], 0, time.time() + timeout
+        while time.time() < deadline:
+            msg = self.ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            msg = json.loads(msg)
+            kind, data = msg["type"], msg.get("data", {})
+            if kind == "speculative_cache.stats":
+                seen += 1
+                if data.get("final"):
+                    finals.append(data)
+                if interrupt_at is not None and seen == interrupt_at:
+                    self.server.post("/interrupt", {})
+            elif data.get("prompt_id") == prompt_id:
+                if kind == "execution_error":
+                    return finals, "error: " + str(data.get("exception_message"))[:300]
+                if kind == "execution_interrupted":
+                    # the run's final report comes from the sampler's cleanup, before this message
+                    return finals, "interrupted"
+                if kind == "executing" and data.get("node") is None:
+                    return finals, "completed"
+                if kind == "execution_success":
+                    continue
+        return finals, "timeout"
+
+    def check_stats(self, i, setting, steps, finals, ended):
+        where = f"prompt {i} ({setting}, {steps} steps, {ended})"
+        if len(finals) != 1:
+            self.problems.append(f"{where}: {len(finals)} final stats reports, expected 1")
+            return
+        s = finals[0]
+        t = s["timeline"]
+        done = len(t.rstrip("."))
+        if s["steps"] != steps or len(t) != steps or "." in t[:done]:
+            self.problems.append(f"{where}: timeline {t!r} for {steps} steps")
+        if ended == "completed" and (done != steps or s["computed"] + s["forecast"] != steps):
+            self.problems.append(f"{where}: completed with timeline {t!r}, {s['computed']} + {s['forecast']}")
+        if ended == "interrupted" and done >= steps:
+            self.problems.append(f"{where}: interrupted but every step reported")
+        if setting == "off" and s["forecast"]:
+            self.problems.append(f"{where}: {s['forecast']} forecasts at speed 0")
+        if s["internal_error"]:
+            self.problems.append(f"{where}: internal error {s['internal_error']}")
+        # the back-off bound: 2 % of the run, or the first probe of the run (one of the tiny
+        # model's 4 blocks in one step) when that is more
+        bound = 1 + max(0.02, 1 / (TINY_FLUX_BLOCKS * steps)) + 1e-4     # the stats round to 4 places
+        if not (0 < s["compute_fraction"] <= bound or s["evaluations"] == 0):
+            self.problems.append(f"{where}: compute fraction {s['compute_fraction']}")
+
+    def one(self, i):
+        r = self.rng
+        graph, steps, setting = self.graph()
+        action = r.random()
+        if action < 0.15:
+            prompt_id = self.post(graph)
+            finals, ended = self.wait(prompt_id, interrupt_at=r.randint(1, steps - 1))
+            if ended == "completed":
+                ended = "completed"         # the interrupt came after the last step: fine
+            else:
+                self.counts["interrupted"] += 1
+        elif action < 0.25:
+            prompt_id = self.post(graph)
+            other, _, _ = self.graph()
+            cancelled = self.post(other)
+            self.server.post("/queue", {"delete": [cancelled]})
+            finals, ended = self.wait(prompt_id)
+            history = self.server.get(f"/history/{cancelled}")
+            if history:
+                self.problems.append(f"prompt {i}: the cancelled prompt ran")
+            self.counts["cancelled"] += 1
+        else:
+            prompt_id = self.post(graph)
+            finals, ended = self.wait(prompt_id)
+        if ended.startswith("error") or ended == "timeout":
+            self.problems.append(f"prompt {i} ({setting}): {ended}")
+            return
+        if ended == "completed":
+            self.counts["completed"] += 1
+        self.check_stats(i, setting, steps, finals, ended)
+
+    # ---- the whole soak ---------------------------------------------------------
+    def run(self, prompts: int, warmup: int = 8) -> dict:
+        started = time.time()
+        baseline = None
+        for i in range(prompts):
+            if i == warmup:
+                baseline = self.server.get("/sc_test/memory")
+            self.one(i)
+            if (i + 1) % 20 == 0 or i + 1 == prompts:
+                took = time.time() - started
+                self.log(f"  {i + 1}/{prompts} prompts, {took:.0f} s (about {took / (i + 1) * (prompts - i - 1):.0f} s "
+                         f"left), {len(self.problems)} problems", flush=True)
+        end = self.server.get("/sc_test/memory")
+        baseline = baseline or end
+        if end["open_runs"] or end["cache_bytes"]:
+            self.problems.append(f"after the soak: {end['open_runs']} open runs, {end['cache_bytes']} cached bytes")
+        if end["tensors"] > baseline["tensors"] + TENSOR_MARGIN:
+            self.problems.append(f"live tensors grew from {baseline['tensors']} to {end['tensors']}")
+        if end["rss"] > baseline["rss"] + RSS_MARGIN:
+            self.problems.append(f"resident memory grew from {baseline['rss'] >> 20} MiB to {end['rss'] >> 20} MiB")
+        self.ws.close()
+        return {"prompts": prompts, **self.counts, "seconds": round(time.time() - started, 1),
+                "memory_after_warmup": baseline, "memory_at_end": end, "problems": self.problems}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from . import comfy_env
+    comfyui = comfy_env.find_comfyui()
+    if comfyui is None:
+        print("ComfyUI not found. Looked in: " + comfy_env.where_looked())
+        return 1
+    server = ComfyServer(comfyui).start()
+    try:
+        print(f"soak: {args.prompts} prompts through ComfyUI {comfy_env.comfyui_version(comfyui)} at {server.url}")
+        result = Soak(server, seed=args.seed).run(args.prompts)
+    finally:
+        server.stop()
+    print(json.dumps({k: v for k, v in result.items() if k != "problems"}, indent=1))
+    for p in result["problems"]:
+        print("PROBLEM:", p)
+    print("OK" if not result["problems"] else f"{len(result['problems'])} problems")
+    return 0 if not result["problems"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
