@@ -55,6 +55,14 @@ def ours(**inputs):
     return lambda m: nodes.SpeculativeCache.execute(m, **inputs).result[0]
 
 
+def main_node(options: dict | None = None, **inputs):
+    """The main Speculative Cache node (mode, speed, start/end) with these inputs, fed by an
+    Options node with ``options`` (the others at their defaults) when given."""
+    nodes = comfy_env.pack_nodes()
+    opts = nodes.SpeculativeCacheOptions.execute(**options).result[0] if options else None
+    return lambda m: nodes.SpeculativeCacheSimple.execute(m, options=opts, **inputs).result[0]
+
+
 def easy(cls, th):
     """ComfyUI's EasyCache / LazyCache node at reuse threshold ``th``."""
     return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
@@ -68,9 +76,14 @@ def focus_grid(plan) -> list[Method]:
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
 
-    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
         grid.append(Method("speca", {"threshold": th}, ours(threshold=th)))
+    for th in (0.3, 0.6, 1.0):
+        grid.append(Method("speca", {"threshold": th, "order": 1}, ours(threshold=th, order=1)))
+    for target in (2.0, 3.0, 4.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", speed=(target - 1.0) / 4.0)))
     for th in (0.2, 0.35, 0.5, 0.7):
         grid.append(Method("speca", {"metric": "relative_change", "threshold": th},
                            ours(metric="relative_change", threshold=th)))
@@ -94,7 +107,7 @@ def method_grid(quick: bool, plan) -> list[Method]:
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
 
-    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, ours())]
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
     intervals = [3, 5] if quick else [2, 3, 4, 5, 6]
     for n in intervals:   # FORA: reuse at a fixed interval n (n-1 reused steps per computed one)
         grid.append(Method("reuse", {"interval": n}, ours(preset="custom", method="reuse", max_forecast_steps=n - 1,

@@ -120,15 +120,15 @@ class Soak:
             self.problems.append(f"{where}: timeline {t!r} for {steps} steps")
         if ended == "completed" and (done != steps or s["computed"] + s["forecast"] != steps):
             self.problems.append(f"{where}: completed with timeline {t!r}, {s['computed']} + {s['forecast']}")
-        if ended == "interrupted" and done >= steps:
-            self.problems.append(f"{where}: interrupted but every step reported")
+        # (an interrupt may land after the sampler's last step, between nodes: then every step
+        # is reported and the prompt still ends interrupted)
         if setting == "off" and s["forecast"]:
             self.problems.append(f"{where}: {s['forecast']} forecasts at speed 0")
         if s["internal_error"]:
             self.problems.append(f"{where}: internal error {s['internal_error']}")
         # the back-off bound: 2 % of the run, or the first probe of the run (one of the tiny
-        # model's 4 blocks in one step) when that is more
-        bound = 1 + max(0.02, 1 / (TINY_FLUX_BLOCKS * steps)) + 1e-4     # the stats round to 4 places
+        # model's 4 blocks in one of the steps it ran) when that is more
+        bound = 1 + max(0.02, 1 / (TINY_FLUX_BLOCKS * max(done, 1))) + 1e-4   # the stats round to 4 places
         if not (0 < s["compute_fraction"] <= bound or s["evaluations"] == 0):
             self.problems.append(f"{where}: compute fraction {s['compute_fraction']}")
 

@@ -93,6 +93,16 @@ def test_main_node_with_options_node_runs_through_the_server(server):
     assert final["elapsed_seconds"] > 0 and final["saved_seconds"] > 0 and final["errors"]
 
 
+def test_a_prompt_with_inputs_the_node_no_longer_has_still_runs(server):
+    """An old or hand-edited API prompt with inputs the node does not have (ComfyUI drops
+    undeclared inputs before the node runs): it runs, with the inputs it does have."""
+    inputs = {"mode": "auto", "speed": 0.0, "start_percent": 0.0, "end_percent": 1.0,
+              "threshold": 0.3, "an_input_from_a_future_version": 1}
+    _, events = run_prompt(server, api_graph(inputs, steps=6, sc_type="SpeculativeCacheSimple"))
+    final = [e["data"] for e in events if e["type"] == "speculative_cache.stats" and e["data"]["final"]][-1]
+    assert final["timeline"] == "C" * 6          # speed 0 was applied: off
+
+
 def test_threshold_zero_reports_every_step_computed(server):
     inputs = dict(sc_defaults(server), threshold=0.0)
     _, events = run_prompt(server, api_graph(inputs, steps=8, seed=5))
