@@ -30,6 +30,7 @@ class RunStats:
     target_speedup: float = 0.0  # the speed target (0: none)
     threshold_scale: float = 1.0  # the speed target's last threshold multiplier
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
+    estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
 
     @property
     def timeline(self) -> str:
@@ -80,6 +81,7 @@ class RunStats:
             "compute_fraction": round(self.compute_fraction, 4),
             "speedup": round(self.estimated_speedup, 3),
             "cache_bytes": self.peak_cache_bytes,
+            "cache_estimate_bytes": self.estimated_cache_bytes,
             "timeline": self.timeline,
             "internal_error": self.internal_error,
             "target_speedup": self.target_speedup,

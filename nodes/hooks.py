@@ -24,9 +24,9 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, guard
-from .adapters import (OutputAdapter, StackAdapter, cache_memory_warning, estimate_cache_bytes,
-                       find_transformer_options, forward_argument, select_adapter, warn_once)
+from . import blockwise, guard, memory
+from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument, select_adapter,
+                       warn_once)
 
 log = logging.getLogger("speculative_cache")
 
@@ -43,6 +43,7 @@ class CacheSettings:
     """What the node puts into ``transformer_options``: settings and no tensors."""
     config: CacheConfig
     node_id: str | None = None
+    memory_budget_mb: int = 0           # 0: a share of the free memory of the model's device
 
 
 EVENT = "speculative_cache.stats"
@@ -129,15 +130,15 @@ def _run_context(transformer_options) -> RunContext | None:
 # wrappers
 # ---------------------------------------------------------------------------------
 def _start_run(guider, settings: CacheSettings, args) -> RunContext:
-    config = settings.config
     sigmas = args[3]
+    adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
+    config, estimate = memory.plan_run_memory(guider, adapter, settings.config, args[0], settings.memory_budget_mb)
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     start_time = float(model_sampling.percent_to_sigma(config.start_percent))
     end_time = float("-inf") if config.end_percent >= 1.0 else float(model_sampling.percent_to_sigma(config.end_percent))
-    adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
     run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
                          sigmas=[float(s) for s in sigmas])
-    _warn_cache_memory(guider, adapter, config, args[0])
+    run.stats.estimated_cache_bytes = estimate or 0
     return RunContext(settings, run, adapter, sigmas)
 
 
@@ -164,29 +165,6 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         stats = ctx.stamp()
         log.info(stats.summary_line())
         _notify(settings.node_id, stats, True)
-
-
-def _text_tokens(guider) -> int:
-    try:
-        cond = guider.conds["positive"][0]["model_conds"]["c_crossattn"].cond
-        return int(cond.shape[1])
-    except Exception:
-        return 512
-
-
-def _warn_cache_memory(guider, adapter, config, noise):
-    try:
-        dm = guider.model_patcher.get_model_object("diffusion_model")
-        streams = 1 if float(getattr(guider, "cfg", 1.0)) == 1.0 else 2
-        element = torch.empty((), dtype=guider.model_patcher.model_dtype()).element_size()
-        estimate = estimate_cache_bytes(adapter, dm, config, tuple(noise.shape), _text_tokens(guider),
-                                        streams, element)
-        message = cache_memory_warning(estimate, config, guider.model_patcher.load_device)
-    except Exception:
-        log.debug("Speculative Cache: no cache memory estimate", exc_info=True)
-        return
-    if message:
-        warn_once(message)
 
 
 def sampler_sample_wrapper(executor, *args, **kwargs):

@@ -115,6 +115,11 @@ ADVANCED = {
         "step_weighting", default=_D.step_weighting,
         tooltip="Scale each step's threshold by the sampler's step size (lenient on small early steps, "
                 "strict on the large last ones)."),
+    "memory_budget_mb": lambda: io.Int.Input(
+        "memory_budget_mb", default=0, min=0, max=1 << 20,
+        tooltip="Most memory the forecast history may take, in MiB. 0: 40 % of the free memory of the "
+                "model's device. Above it a run stores bfloat16, then uses stack granularity, then a lower "
+                "order, then does not forecast; the console says which."),
     "max_overhead": lambda: _slider_float("max_overhead", _D.max_overhead, 0.0, 1.0, 0.005,
                                           "Back-off: rejected verifications may cost at most this fraction "
                                           "of an uncached run (0.02: a run never costs more than 1.02x "
@@ -129,7 +134,7 @@ LEGACY_ORDER = ["preset", "method", "threshold", "forecaster", "order", "warmup_
 OPTIONS_ORDER = ["family", "method", "forecaster", "order", "warmup_steps", "max_forecast_steps",
                  "final_full_steps", "on_reject", "metric", "threshold_decay", "threshold_floor",
                  "storage_dtype", "granularity", "clusters", "gamma", "step_weighting", "max_overhead",
-                 "threshold_override"]
+                 "threshold_override", "memory_budget_mb"]
 
 
 def legacy_inputs():
@@ -189,6 +194,7 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     opts = {**OPTIONS_DEFAULTS, **(options or {})}
     preset = opts.pop("preset")
     override = float(opts.pop("threshold"))
+    opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
     values = dict(opts, start_percent=start_percent, end_percent=end_percent)
     if mode in PAPER:
         preset = mode
@@ -231,7 +237,8 @@ def migrate_legacy(values: dict) -> dict:
     mode = preset if preset in PAPER else "auto"
     base = PAPER_BASE_THRESHOLD[mode] if mode in PAPER else BASE_THRESHOLD[v["metric"]]
     threshold = float(v["threshold"])
-    options = {name: v[name] for name in OPTIONS_DEFAULTS if name in v and name not in ("preset", "threshold")}
+    options = {name: v[name] for name in OPTIONS_DEFAULTS
+               if name in v and name not in ("preset", "threshold", "memory_budget_mb")}
     options["preset"] = "auto" if mode in PAPER else preset
     options["threshold"] = -1.0
     speed = 0.5
@@ -256,3 +263,8 @@ def describe_migration(migrated: dict) -> str:
     if (migrated["start_percent"], migrated["end_percent"]) != (0.0, 1.0):
         main += f", start {migrated['start_percent']}, end {migrated['end_percent']}"
     return main + ")" + (f" + Speculative Cache Options ({changed})" if changed else "")
+
+
+def memory_budget(options: dict | None) -> int:
+    """The Options node's memory budget in MiB (0: automatic)."""
+    return int((options or {}).get("memory_budget_mb", 0) or 0)

@@ -10,8 +10,8 @@ from comfy_api.latest import io
 from . import compat
 from .adapters import select_adapter
 from .hooks import CacheSettings, install
-from .inputs import (MODES, OPTIONS_DEFAULTS, SpeculativeCacheOptionsType, check_known, options_inputs,
-                     simple_config)
+from .inputs import (MODES, OPTIONS_DEFAULTS, SpeculativeCacheOptionsType, check_known, memory_budget,
+                     options_inputs, simple_config)
 
 log = logging.getLogger("speculative_cache")
 
@@ -75,7 +75,8 @@ class SpeculativeCacheSimple(io.ComfyNode):
         log.info("Speculative Cache: %s mode, speed %.2f -> %s", mode, speed, what)
         hidden = getattr(cls, "hidden", None)
         node_id = hidden.unique_id if hidden is not None else None
-        patched, _ = install(model, CacheSettings(config=config, node_id=node_id), adapter)
+        settings = CacheSettings(config=config, node_id=node_id, memory_budget_mb=memory_budget(options))
+        patched, _ = install(model, settings, adapter)
         return io.NodeOutput(patched)
 
 

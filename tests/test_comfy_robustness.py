@@ -175,3 +175,55 @@ def test_sampler_custom_advanced_with_custom_sigmas_and_partial_denoise(spec_nod
     s = stats_log[-1]
     assert s["steps"] == steps and s["forecast"] > 0 and s["computed"] + s["forecast"] == steps
     assert ((on - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(granularity="block"), dict(order=1, storage_dtype="bfloat16"),
+                                      dict(cfg=1.0), dict(batch=2, scale=2)],
+                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2"])
+def test_the_cache_estimate_is_within_20_percent_of_what_the_run_held(spec_nodes, flux, stats_log, settings):
+    settings = dict(settings)
+    sample_args = {k: settings.pop(k) for k in ("cfg", "batch", "scale") if k in settings}
+    opts = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, **settings).result[0]
+    tm.sample(simple(spec_nodes, flux, options=opts), "flux", steps=10, **sample_args)
+    s = stats_log[-1]
+    assert s["cache_bytes"] > 0 and s["forecast"] > 0
+    assert s["cache_estimate_bytes"] == pytest.approx(s["cache_bytes"], rel=0.2)
+
+
+def test_a_memory_budget_steps_the_settings_down_and_says_which(spec_nodes, flux, stats_log, caplog):
+    """Block granularity at 4x the tiny model's resolution needs more than a 2 MiB budget: the
+    run stores bfloat16, then uses stack granularity, holds less than the budget, still
+    forecasts, and the console says so."""
+    import importlib
+    from benchmarks import comfy_env
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    adapters._warned.clear()
+    unbounded = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, granularity="block",
+                                                           memory_budget_mb=1 << 20).result[0]
+    tm.sample(simple(spec_nodes, flux, options=unbounded), "flux", steps=8, scale=4)
+    big = stats_log[-1]["cache_bytes"]
+    assert big > 2 * 2**20
+    opts = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, granularity="block", memory_budget_mb=2).result[0]
+    with caplog.at_level("WARNING", logger="speculative_cache"):
+        tm.sample(simple(spec_nodes, flux, options=opts), "flux", steps=8, scale=4)
+    s = stats_log[-1]
+    assert s["cache_bytes"] <= 2 * 2**20 and s["forecast"] > 0 and s["mode"] == "stack"
+    warning = next(r.message for r in caplog.records if "memory budget" in r.message)
+    assert "bfloat16" in warning and "stack granularity" in warning
+
+
+def test_fit_to_budget_order_of_steps(spec_nodes):
+    import importlib
+    from benchmarks import comfy_env
+    memory = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.memory")
+    core = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
+    # bytes: 4 (float32) or 2, x 10 per stored tensor, x (order + 1) points, x 6 tensors at block level
+    def estimate(c):
+        return (2 if c.storage_dtype else 4) * 10 * (c.order + 1) * (6 if c.granularity == "block" else 1)
+    cfg = core.CacheConfig(granularity="block", order=3)
+    assert memory.fit_to_budget(cfg, estimate, 10_000) == (cfg, [])
+    fitted, steps = memory.fit_to_budget(cfg, estimate, 60)
+    assert steps == ["history stored in bfloat16", "stack granularity", "order 2"]
+    assert (fitted.storage_dtype, fitted.granularity, fitted.order) == ("bfloat16", "stack", 2)
+    off, steps = memory.fit_to_budget(cfg, estimate, 10)
+    assert steps[-1] == "no forecasting in this run" and not off.enabled
