@@ -192,9 +192,34 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
+def _foreign_call(ctx, transformer_options) -> bool:
+    """Another node's extra model call within a step, with some of our block patches
+    replaced for that call only (SkipLayerGuidance runs the model again with blocks
+    skipped): it is a different model, so it runs uncached and is not a step of ours."""
+    if not ctx.stack_ok:
+        return False
+    dit = transformer_options.get("patches_replace", {}).get("dit", {})
+    return any(not isinstance(dit.get(key), BlockPatch) for key in ctx.adapter.plan.keys)
+
+
+def _without_run(args, kwargs, model_options):
+    """The call's arguments with the run hidden from every wrapper below (a shallow copy)."""
+    options = dict(model_options)
+    options["transformer_options"] = {k: v for k, v in model_options["transformer_options"].items() if k != RUN_KEY}
+    if args and args[-1] is model_options:
+        return (*args[:-1], options), kwargs
+    return args, dict(kwargs, model_options=options)
+
+
 def calc_cond_batch_wrapper(executor, *args, **kwargs):
     model_options = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("model_options", {})
     ctx = _run_context(model_options.get("transformer_options"))
+    if ctx is not None and _foreign_call(ctx, model_options["transformer_options"]):
+        if ctx.run.stats.evaluations == 0:
+            warn_once("Speculative Cache: a node after it replaced its block patches instead of chaining "
+                      "to them; model calls made that way run uncached.")
+        args, kwargs = _without_run(args, kwargs, model_options)
+        return executor(*args, **kwargs)
     if ctx is not None:
         try:
             timestep = args[3] if len(args) > 3 else kwargs.get("timestep")

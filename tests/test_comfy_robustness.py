@@ -227,3 +227,22 @@ def test_fit_to_budget_order_of_steps(spec_nodes):
     assert (fitted.storage_dtype, fitted.granularity, fitted.order) == ("bfloat16", "stack", 2)
     off, steps = memory.fit_to_budget(cfg, estimate, 10)
     assert steps[-1] == "no forecasting in this run" and not off.enabled
+
+
+@pytest.mark.parametrize("layers", [dict(double_layers="1", single_layers=""), dict(double_layers="", single_layers="0")])
+def test_skip_layer_guidance_chained_before_the_node(spec_nodes, flux, stats_log, layers):
+    """ComfyUI's SkipLayerGuidanceDiT: during its window it runs the model a second time per
+    step with some blocks skipped (its own block patches). That extra call must run the
+    skipped model for real (not a forecast of the full one) and not count as a step: off is
+    bit-identical, on stays close to SLG without the cache."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+    slg = SkipLayerGuidanceDiT.execute(flux, scale=3.0, start_percent=0.0, end_percent=0.6, **layers).result[0]
+    ref = tm.sample(slg, "flux", steps=10)
+    assert ((ref - tm.sample(flux, "flux", steps=10)).norm() / ref.norm()).item() > 1e-4   # SLG acts
+    assert torch.equal(tm.sample(simple(spec_nodes, slg, speed=0.0), "flux", steps=10), ref)
+    s = stats_log[-1]
+    assert s["evaluations"] == 10 and s["internal_error"] == ""
+    on = tm.sample(simple(spec_nodes, slg, speed=1.0), "flux", steps=10)
+    s = stats_log[-1]
+    assert s["forecast"] > 0 and s["internal_error"] == "" and s["evaluations"] == 10
+    assert ((on - ref).norm() / ref.norm()).item() < 0.1
