@@ -1,0 +1,83 @@
+"""Fidelity per sampler: the node as dropped into a graph (every input at its default) on
+the reference model, for ComfyUI's samplers, ancestral and SDE ones included.
+
+    .venv/bin/python -m benchmarks.sampler_table [--samples 4] [--model reference]
+
+For each sampler: the same seeds uncached and cached, PSNR of the cached images to the
+uncached ones (all samples together; "inf": identical), compute fraction, steps computed. Writes benchmarks/results/samplers_<model>.{json,md}.
+Stochastic samplers draw the same noise in both runs (same seed), so the difference is the
+cache's alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import import_module
+
+from . import comfy_env
+from .run_benchmark import RESULTS
+
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
+            "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "res_multistep",
+            "res_multistep_ancestral", "seeds_2", "sa_solver", "deis", "ipndm", "uni_pc"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--model", default="reference")
+    args = ap.parse_args(argv)
+    if comfy_env.find_comfyui() is None:
+        print("ComfyUI not found. Looked in: " + comfy_env.where_looked())
+        return 1
+    comfy_env.setup_comfyui()
+    import comfy.samplers
+
+    from . import reference_model as rm
+    from .metrics import psnr
+    nodes = comfy_env.pack_nodes()
+    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    stats = []
+    hooks.STATS_LISTENERS.append(lambda nid, s, final: final and stats.append(s))
+    model = rm.load_reference(args.model)
+    cached = nodes.SpeculativeCacheSimple.execute(model).result[0]
+    labels = [i % len(rm.CLASSES) for i in range(args.samples)]
+    seeds = [500 + i for i in range(args.samples)]
+    available = set(comfy.samplers.KSampler.SAMPLERS)
+    rows, started = [], time.time()
+    for i, sampler in enumerate(s for s in SAMPLERS if s in available):
+        ref = rm.sample(model, labels, seeds, steps=args.steps, sampler=sampler)
+        n0 = len(stats)
+        out = rm.sample(cached, labels, seeds, steps=args.steps, sampler=sampler)
+        runs = stats[n0:]
+        row = {"sampler": sampler,
+               # over all samples together (a mean of per-sample PSNRs is infinite as soon as one
+               # sample had no accepted forecast)
+               "psnr_db": round(psnr(out, ref), 2),
+               "compute_fraction": round(sum(s["compute_fraction"] for s in runs) / len(runs), 3),
+               "computed": sum(s["computed"] for s in runs), "steps": sum(s["steps"] for s in runs),
+               "evaluations_per_step": round(sum(s["evaluations"] for s in runs) / sum(s["steps"] for s in runs), 2)}
+        rows.append(row)
+        print(f"  [{i + 1}] {sampler}: {row['psnr_db']} dB at compute {row['compute_fraction']} "
+              f"({time.time() - started:.0f} s)", flush=True)
+    result = {"model": args.model, "samples": args.samples, "steps": args.steps, "cfg": 2.0,
+              "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()), "rows": rows}
+    name = f"samplers_{args.model}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"Model `{args.model}`, {args.samples} samples, {args.steps} steps, cfg 2, the node at its defaults, "
+             f"ComfyUI {result['comfyui']}.", "",
+             "| sampler | PSNR dB to uncached | compute fraction | steps computed | evaluations per step |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['sampler']} | {r['psnr_db']:.2f} | {r['compute_fraction']:.3f} | "
+                     f"{r['computed']}/{r['steps']} | {r['evaluations_per_step']} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / name}.json/.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
