@@ -55,11 +55,11 @@ ADVANCED = {
     "threshold": lambda: _slider_float(
         "threshold", _D.threshold, 0.0, 10.0, 0.005,
         "Verification tolerance: the largest relative error of the last block's output that a "
-        "forecast may have (0.15 = 15 %). Lower = closer to the uncached picture and slower; "
+        "forecast may have (0.1 = 10 %). Lower = closer to the uncached picture and slower; "
         "0 disables forecasting (identical output). Only speca verifies."),
     "threshold_override": lambda: io.Float.Input(
         "threshold", default=-1.0, min=-1.0, max=10.0, step=0.005,
-        tooltip="An exact verification threshold in the metric's units (relative_norm: 0.15 = 15 %). "
+        tooltip="An exact verification threshold in the metric's units (relative_norm: 0.1 = 10 %). "
                 "-1: from the main node's speed slider."),
     "forecaster": lambda: io.Combo.Input(
         "forecaster", options=list(FORECASTERS), default=_D.forecaster,
@@ -156,9 +156,9 @@ MODES = ("auto", "speed_target", *PAPER.keys())
 BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
 SPEED_TARGET_ORDER = 1
 PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
-# speed 0 -> off; speed -> 0+: base x 2/15; 0.5: base; 1: base x 20/3 (0.02 .. 0.15 .. 1.0 for
+# speed 0 -> off; speed -> 0+: base / 5; 0.5: base; 1: base x 10 (0.02 .. 0.1 .. 1.0 for
 # relative_norm, the range where the threshold changes what a run does).
-_LOOSEST, _STRICTEST = 1.0 / 0.15, 0.02 / 0.15
+_LOOSEST, _STRICTEST = 10.0, 0.2
 
 
 def speed_to_threshold(speed: float, base: float) -> float:

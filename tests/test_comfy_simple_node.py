@@ -50,9 +50,11 @@ def test_main_node_has_six_inputs_and_a_slider_that_does_something_everywhere(sp
     assert (speed["min"], speed["max"], speed["default"], speed["display"]) == (0.0, 1.0, 0.5, "slider")
     assert all(spec[1].get("tooltip") for name, spec in required.items() if name != "model")
     # every 0.05 of the slider's travel moves the threshold by at least 10 %, within 0.02 .. 1.0
-    values = [inputs_mod.speed_to_threshold(s / 100, 0.15) for s in range(0, 101, 5)]
-    assert values[0] == 0.0 and values[1] == pytest.approx(0.02 * (0.15 / 0.02) ** 0.1)
-    assert values[10] == pytest.approx(0.15) and values[-1] == pytest.approx(1.0)
+    base = inputs_mod.BASE_THRESHOLD["relative_norm"]
+    assert base == 0.1
+    values = [inputs_mod.speed_to_threshold(s / 100, base) for s in range(0, 101, 5)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(0.02 * (0.1 / 0.02) ** 0.1)
+    assert values[10] == pytest.approx(0.1) and values[-1] == pytest.approx(1.0)
     assert all(b > 1.1 * a for a, b in zip(values[1:], values[2:]))
     # the options node carries everything else, each with a default and a tooltip
     opt = spec_nodes.SpeculativeCacheOptions.GET_NODE_INFO_V1()
@@ -94,8 +96,8 @@ def test_options_reach_the_run(spec_nodes, flux, stats_log):
 
 
 def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, flux):
-    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(0.15 * (0.02 / 0.15) ** 0.5)
-    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(0.15 * (1 / 0.15) ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(0.1 * 0.2 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(0.1 * 10 ** 0.5)
     paper = config_of(simple(spec_nodes, flux, mode="paper_flux"))
     assert (paper.threshold, paper.metric, paper.order, paper.on_reject) == (7.0, "relative_l1", 2, "next")
     assert config_of(simple(spec_nodes, flux, mode="paper_hunyuan_video")).threshold == 1.0
