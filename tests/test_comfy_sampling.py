@@ -141,7 +141,14 @@ def test_no_cached_tensor_stays_alive(spec_nodes, models):
     before = live_tensor_count()
     out = tm.sample(pm, "hunyuan_video", steps=10)
     del out
-    assert live_tensor_count() == before
+    # a leak shows as growth (the count may also fall: an earlier test's objects, e.g. Dynamo's
+    # compiled graphs, are freed late)
+    assert live_tensor_count() <= before
+    import gc
+    gc.collect()
+    ours = [o for o in gc.get_objects() if type(o).__name__ in ("SpeculativeRun", "StreamCache")]
+    assert not any(getattr(o, "closed", True) is False for o in ours)          # no open run
+    assert sum(o.nbytes() for o in ours if type(o).__name__ == "StreamCache") == 0   # nothing cached
     hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
     assert hooks.RUN_KEY not in pm.model_options["transformer_options"]
 
