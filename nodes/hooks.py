@@ -94,6 +94,7 @@ class RunContext:
         # seeded, so that ClusCa's random representatives repeat from run to run
         self.generator = torch.Generator().manual_seed(0)
         self.started = time.perf_counter()
+        self.block_patches = None       # the block patches on the model when the run started
 
     def stamp(self):
         """The run's stats with its wall clock so far (the UI estimates the time saved)."""
@@ -139,7 +140,10 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
                          sigmas=[float(s) for s in sigmas])
     run.stats.estimated_cache_bytes = estimate or 0
-    return RunContext(settings, run, adapter, sigmas)
+    ctx = RunContext(settings, run, adapter, sigmas)
+    if ctx.stack_ok:
+        ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)
+    return ctx
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -192,14 +196,21 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def _foreign_call(ctx, transformer_options) -> bool:
-    """Another node's extra model call within a step, with some of our block patches
-    replaced for that call only (SkipLayerGuidance runs the model again with blocks
-    skipped): it is a different model, so it runs uncached and is not a step of ours."""
-    if not ctx.stack_ok:
-        return False
+def _dit_patches(transformer_options, keys) -> dict:
     dit = transformer_options.get("patches_replace", {}).get("dit", {})
-    return any(not isinstance(dit.get(key), BlockPatch) for key in ctx.adapter.plan.keys)
+    return {key: dit.get(key) for key in keys}
+
+
+def _foreign_call(ctx, transformer_options) -> bool:
+    """Another node's extra model call within a step, with block patches replaced for that
+    call only (SkipLayerGuidance runs the model again with blocks skipped): it is a
+    different model, so it runs uncached and is not a step of ours. Patches installed on
+    the model before the run (ours, or another pack's chained after ours) are the run's
+    own: only a call whose patches differ from those is foreign."""
+    if not ctx.stack_ok or ctx.block_patches is None:
+        return False
+    now = _dit_patches(transformer_options, ctx.adapter.plan.keys)
+    return any(now[key] is not ctx.block_patches[key] for key in now)
 
 
 def _without_run(args, kwargs, model_options):
@@ -216,8 +227,8 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
     ctx = _run_context(model_options.get("transformer_options"))
     if ctx is not None and _foreign_call(ctx, model_options["transformer_options"]):
         if ctx.run.stats.evaluations == 0:
-            warn_once("Speculative Cache: a node after it replaced its block patches instead of chaining "
-                      "to them; model calls made that way run uncached.")
+            warn_once("Speculative Cache: the model was called with other block patches than it had when "
+                      "sampling started; model calls made that way run uncached.")
         args, kwargs = _without_run(args, kwargs, model_options)
         return executor(*args, **kwargs)
     if ctx is not None:

@@ -246,3 +246,22 @@ def test_skip_layer_guidance_chained_before_the_node(spec_nodes, flux, stats_log
     s = stats_log[-1]
     assert s["forecast"] > 0 and s["internal_error"] == "" and s["evaluations"] == 10
     assert ((on - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_a_pack_that_chains_after_the_node_keeps_it_caching(spec_nodes, flux, stats_log):
+    """Another pack installs block patches after this node that chain to ours (the polite
+    way): those are the run's own patches, not a foreign call, so the cache still forecasts
+    and every call reaches both patches."""
+    patched = simple(spec_nodes, flux, speed=1.0).clone()
+    dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    calls = []
+    for key, previous in list(dit.items()):
+        def chained(args, extra, previous=previous):
+            calls.append(1)
+            return previous(args, extra)
+        patched.set_model_patch_replace(chained, "dit", key[0], key[1])
+    ref = tm.sample(flux, "flux", steps=10)
+    out = tm.sample(patched, "flux", steps=10)
+    s = stats_log[-1]
+    assert s["forecast"] > 0 and s["evaluations"] == 10 and calls
+    assert ((out - ref).norm() / ref.norm()).item() < 0.1
