@@ -17,10 +17,11 @@ log = logging.getLogger("speculative_cache")
 _warned: set = set()
 
 
-def warn_once(message: str) -> None:
+def warn_once(message: str, level: int = logging.WARNING) -> None:
+    """Log ``message`` once per process (at ``level``)."""
     if message not in _warned:
         _warned.add(message)
-        log.warning(message)
+        log.log(level, message)
 
 
 class StackAdapter:

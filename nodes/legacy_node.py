@@ -12,19 +12,9 @@ import logging
 from comfy_api.latest import io
 
 from . import compat
-from .adapters import select_adapter
+from .adapters import select_adapter, warn_once
 from .hooks import CacheSettings, install
 from .inputs import LEGACY_DEFAULTS, check_known, describe_migration, legacy_config, legacy_inputs, migrate_legacy
-
-log = logging.getLogger("speculative_cache")
-_hinted: set = set()
-
-
-def _hint_once(message: str) -> None:
-    if message not in _hinted:
-        _hinted.add(message)
-        log.info(message)
-
 
 # kept for callers of the engine's full settings (benchmarks, tests)
 INPUTS = legacy_inputs()
@@ -54,8 +44,8 @@ class SpeculativeCache(io.ComfyNode):
         compat.warn_if_incompatible()
         adapter = select_adapter(model.get_model_object("diffusion_model"))
         config = legacy_config(adapter.family, inputs)
-        _hint_once("Speculative Cache: this graph uses the legacy 19-input node (it runs as before). The same "
-                  "settings on the new nodes: " + describe_migration(migrate_legacy(inputs)) + ".")
+        warn_once("Speculative Cache: this graph uses the legacy 19-input node (it runs as before). The same "
+                  "settings on the new nodes: " + describe_migration(migrate_legacy(inputs)) + ".", logging.INFO)
         hidden = getattr(cls, "hidden", None)
         node_id = hidden.unique_id if hidden is not None else None
         patched, _ = install(model, CacheSettings(config=config, node_id=node_id), adapter)
