@@ -147,8 +147,10 @@ class SpeculativeRun:
     def cache_bytes(self) -> int:
         return sum(s.nbytes() for s in self.streams.values())
 
-    def chunk(self, stream_keys, batch: int, units_full: float) -> "Chunk":
-        return Chunk(self, list(stream_keys), batch, units_full)
+    def chunk(self, stream_keys, batch: int, units_full: float, weights_key=None) -> "Chunk":
+        """``weights_key``: identifies the model weights of this call (LoRA hook keyframes
+        change them mid-run); a stream whose history was computed with others starts over."""
+        return Chunk(self, list(stream_keys), batch, units_full, weights_key)
 
     # ---- end ---------------------------------------------------------------------
     def close(self) -> RunStats:
@@ -166,7 +168,8 @@ class Chunk:
     """One model call: a batch whose rows belong to one or more streams, in order,
     ``batch // len(streams)`` rows each (ComfyUI's layout of ``uuids``)."""
 
-    def __init__(self, run: SpeculativeRun, stream_keys: list, batch: int, units_full: float):
+    def __init__(self, run: SpeculativeRun, stream_keys: list, batch: int, units_full: float,
+                 weights_key=None):
         self.run = run
         self.keys = stream_keys
         n = max(len(stream_keys), 1)
@@ -179,6 +182,9 @@ class Chunk:
         self.rejected = False
         self.nonfinite = False
         run.stats.block_units_full += self.units_full
+        for s in self.streams():
+            if s.set_weights(weights_key):
+                run.stats.weight_changes += 1
 
     # tensors of this chunk are [batch, ...]: split them per stream
     def split(self, t: torch.Tensor):

@@ -27,6 +27,9 @@ class StreamCache:
         self.signatures: dict[str, tuple] = {}
         self.aux: dict[str, torch.Tensor] = {}   # e.g. ClusCa's cluster labels and centroids
         self.resets = 0
+        # What the model's weights were when this history was computed (the ComfyUI glue
+        # passes its LoRA hooks and their keyframe strengths); None: unknown / no hooks.
+        self.weights_key = None
 
     def reset(self) -> None:
         for f in self.forecasters.values():
@@ -34,6 +37,18 @@ class StreamCache:
         self.forecasters.clear()
         self.signatures.clear()
         self.aux.clear()
+
+    def set_weights(self, key) -> bool:
+        """Note the weights of the coming call; a change drops the history (features of
+        other weights are not extrapolated into these). True when a history was dropped."""
+        if key == self.weights_key:
+            return False
+        had_history = any(f.points for f in self.forecasters.values())
+        self.weights_key = key
+        if had_history:
+            self.reset()
+            self.resets += 1
+        return had_history
 
     def can_predict(self, names, signatures: dict[str, tuple] | None = None) -> bool:
         for name in names:

@@ -31,6 +31,7 @@ class RunStats:
     threshold_scale: float = 1.0  # the speed target's last threshold multiplier
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
     estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
+    weight_changes: int = 0     # stream histories dropped because the model's weights changed mid-run
 
     @property
     def timeline(self) -> str:
@@ -88,6 +89,7 @@ class RunStats:
             "threshold_scale": round(self.threshold_scale, 4),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
+            "weight_changes": self.weight_changes,
             "errors": [list(e) for e in self.errors],
         }
 

@@ -24,7 +24,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, guard, memory
+from . import blockwise, guard, memory, model_weights
 from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument, select_adapter,
                        warn_once)
 
@@ -95,6 +95,10 @@ class RunContext:
         self.generator = torch.Generator().manual_seed(0)
         self.started = time.perf_counter()
         self.block_patches = None       # the block patches on the model when the run started
+        self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
+
+    def weights_key(self):
+        return model_weights.weights_key(self.base_model)
 
     def stamp(self):
         """The run's stats with its wall clock so far (the UI estimates the time saved)."""
@@ -141,6 +145,7 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
                          sigmas=[float(s) for s in sigmas])
     run.stats.estimated_cache_bytes = estimate or 0
     ctx = RunContext(settings, run, adapter, sigmas)
+    ctx.base_model = guider.model_patcher.model
     if ctx.stack_ok:
         ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)
     return ctx
@@ -329,7 +334,7 @@ def _stream_keys(to, batch):
 
 
 def _record_output(ctx, to, out, name):
-    chunk = ctx.run.chunk(_stream_keys(to, out.shape[0]), out.shape[0], 1.0)
+    chunk = ctx.run.chunk(_stream_keys(to, out.shape[0]), out.shape[0], 1.0, ctx.weights_key())
     chunk.add_units(1.0)
     chunk.record({name: out})
     chunk.finish(COMPUTED)
@@ -340,7 +345,7 @@ def _record_output(ctx, to, out, name):
 # ---------------------------------------------------------------------------------
 def _output_forward(ctx, executor, args, kwargs, to, name):
     x = args[0]
-    chunk = ctx.run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], 1.0)
+    chunk = ctx.run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], 1.0, ctx.weights_key())
     decision = ctx.run.decision
     if decision.forecast and chunk.can_forecast((name,)):
         pred = chunk.predict(name)
@@ -362,7 +367,7 @@ def _output_forward(ctx, executor, args, kwargs, to, name):
 def _stack_forward(ctx, executor, args, kwargs, to):
     run, plan = ctx.run, ctx.adapter.plan
     x = args[0]
-    chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)))
+    chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)), ctx.weights_key())
     decision = run.decision
     make_call = blockwise.BlockwiseCall if ctx.blockwise else BlockCall
     if decision.forecast and chunk.can_forecast(ctx.features):

@@ -106,6 +106,54 @@ def test_lora_before_the_node(spec_nodes, flux, stats_log):
     assert torch.equal(tm.sample(flux, "flux", steps=10), base)          # nothing left on the base model
 
 
+def _hooked_conditioning(lora, keyframes):
+    """Conditioning whose positive carries a LoRA hook (Create Hook LoRA + Set Hook
+    Keyframes + Cond Set Props); keyframes: (start_percent, strength) pairs or None."""
+    import comfy.hooks
+    positive, negative = tm.conditioning("flux")
+    hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
+    if keyframes:
+        group = comfy.hooks.HookKeyframeGroup()
+        for percent, strength in keyframes:
+            group.add(comfy.hooks.HookKeyframe(strength=strength, start_percent=percent))
+        hooks.set_keyframes_on_hooks(group)
+    return comfy.hooks.set_conds_props([positive], 1.0, "default", hooks=hooks)[0], negative
+
+
+def test_lora_hook_keyframes_start_the_history_over(spec_nodes, flux, stats_log):
+    """A LoRA hook on the positive whose strength drops from 1 to 0 at 45 % (hook keyframes):
+    the weights change mid-run, so the cond stream's history is dropped there and the step
+    where the keyframe takes effect is computed, not forecast from the old weights."""
+    import comfy.samplers
+    steps, keyframes = 12, [(0.0, 1.0), (0.45, 0.0)]   # 0.45: between two steps
+    lora = _lora(flux)
+    base = tm.sample(flux, "flux", steps=steps)
+    reference = tm.sample(flux, "flux", steps=steps, positive=_hooked_conditioning(lora, keyframes)[0],
+                          negative=_hooked_conditioning(lora, keyframes)[1])
+    constant = tm.sample(flux, "flux", steps=steps, positive=_hooked_conditioning(lora, None)[0],
+                         negative=_hooked_conditioning(lora, None)[1])
+    assert ((reference - constant).norm() / constant.norm()).item() > 0.01     # the keyframe acts
+
+    def run(speed):
+        positive, negative = _hooked_conditioning(lora, keyframes)
+        return tm.sample(simple(spec_nodes, flux, speed=speed), "flux", steps=steps,
+                         positive=positive, negative=negative)
+
+    assert torch.equal(run(0.0), reference)
+    on = run(1.0)
+    stats = stats_log[-1]
+    model_sampling = flux.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps)
+    switch = next(i for i, s in enumerate(sigmas) if float(s) <= float(model_sampling.percent_to_sigma(0.45)))
+    assert 0 < switch < steps - 1
+    assert stats["weight_changes"] == 1                       # the cond stream, once
+    assert stats["timeline"][switch] == "C", stats["timeline"]
+    assert stats["forecast"] > 0
+    assert ((on - reference).norm() / reference.norm()).item() < 0.01
+    assert torch.equal(run(1.0), on)                          # the next run starts from the keyframes' start
+    assert torch.equal(tm.sample(flux, "flux", steps=steps), base)     # no hook weights left behind
+
+
 @pytest.mark.parametrize("order", ["compile_then_cache", "cache_then_compile"])
 def test_torch_compile_before_or_after_the_node(spec_nodes, flux, stats_log, order):
     """ComfyUI's TorchCompileModel path (its set_torch_compile_wrapper), before or after the

@@ -230,6 +230,24 @@ def test_chunk_keeps_streams_apart_when_batch_order_changes(core):
     assert run.stats.streams == 2
 
 
+def test_a_weights_change_drops_only_that_streams_history(core):
+    """LoRA hook keyframes change the weights of one stream mid-run: its history is
+    dropped (no forecast from other weights), the other stream keeps forecasting."""
+    run = core.SpeculativeRun(core.CacheConfig(order=0), 10)
+    run.begin_evaluation(1.0, 0)
+    run.chunk(["cond"], 1, 1, ("lora", 1.0)).record({"x": torch.ones(1, 2)})
+    run.chunk(["uncond"], 1, 1).record({"x": torch.zeros(1, 2)})
+    run.begin_evaluation(0.9, 1)
+    same = run.chunk(["cond"], 1, 1, ("lora", 1.0))
+    assert same.can_forecast(["x"]) and run.stats.weight_changes == 0
+    changed = run.chunk(["cond"], 1, 1, ("lora", 0.0))
+    assert not changed.can_forecast(["x"]) and run.stats.weight_changes == 1
+    assert run.chunk(["uncond"], 1, 1).can_forecast(["x"])
+    changed.record({"x": torch.full((1, 2), 2.0)})
+    assert torch.equal(run.chunk(["cond"], 1, 1, ("lora", 0.0)).predict("x"), torch.full((1, 2), 2.0))
+    assert run.stats.weight_changes == 1 and run.stats.to_dict()["weight_changes"] == 1
+
+
 def test_close_frees_every_tensor(core):
     _, stats, run = simulate(core, core.CacheConfig(threshold=1.0), 10)
     assert run.streams == {} and run.cache_bytes() == 0
