@@ -104,9 +104,15 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     exact = config_of(simple(spec_nodes, flux, options=options(spec_nodes, threshold=0.033)))
     assert exact.threshold == 0.033
     target = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25))
-    assert (target.target_speedup, target.order) == (2.0, 1)
+    # a target's schedule: order 1, warm-up just the two points it needs, step-size weighting
+    assert (target.target_speedup, target.order, target.warmup_steps, target.step_weighting) == (2.0, 1, 2, True)
+    auto = config_of(simple(spec_nodes, flux))
+    assert (auto.order, auto.warmup_steps, auto.step_weighting) == (2, 3, False)
     opts = options(spec_nodes, order=3)
-    assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).order == 3
+    chosen = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts))
+    assert (chosen.order, chosen.warmup_steps) == (3, 3)        # what the Options node sets wins
+    opts = options(spec_nodes, warmup_steps=5, step_weighting=True, order=1)
+    assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).warmup_steps == 5
 
 
 @pytest.mark.parametrize("legacy", [
