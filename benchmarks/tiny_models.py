@@ -67,6 +67,22 @@ CONFIGS = {
         unet=dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=16,
                   num_attention_heads=4, caption_channels=64, num_layers=3),
         extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # AuraFlow: MMDiT double layers (img + txt) then single layers over the joined sequence
+    "auraflow": dict(
+        cls="AuraFlow", latent=(1, 4, 16, 16),
+        unet=dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=4, n_double_layers=2,
+                  n_heads=4, global_conddim=64, cond_seq_dim=64, max_seq=64),
+        extras=lambda g: {}),
+    # Mochi: joint blocks with separate image and text widths; the last block leaves the text as it
+    # is. Its block asserts an image MLP width of 1536 x 8, whatever the hidden size: ratio 192.
+    "mochi": dict(
+        cls="GenmoMochi", latent=(1, 12, 3, 8, 8),
+        unet=dict(image_model="mochi_preview", depth=3, patch_size=2, num_heads=4, hidden_size_x=64,
+                  hidden_size_y=32, mlp_ratio_x=192.0, mlp_ratio_y=4.0, learn_sigma=False, in_channels=12,
+                  qk_norm=True, qkv_bias=False, out_bias=True, attn_drop=0.0, patch_embed_bias=True,
+                  posenc_preserve_area=True, timestep_mlp_bias=True, attend_to_padding=False,
+                  timestep_scale=1000.0, use_t5=True, t5_feat_dim=64, t5_token_length=8, rope_theta=10000.0),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     "lumina2": dict(
         cls="Lumina2", latent=(1, 16, 16, 16),
         unet=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=3, n_refiner_layers=1,

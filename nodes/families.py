@@ -61,6 +61,15 @@ FAMILIES: tuple[Family, ...] = (
            notes="Qwen-Image, Qwen-Image-Edit (reference-image tokens ride in img)"),
     Family("ltxv", ("comfy.ldm.lightricks.model.LTXVModel",),
            (BlockList("double_block", "transformer_blocks", ("img",)),)),
+    # Double layers carry image and text; the single layers run on text and image joined,
+    # passed to the patch as "img".
+    Family("auraflow", ("comfy.ldm.aura.mmdit.MMDiT",),
+           (BlockList("double_block", "double_layers", ("img", "txt")),
+            BlockList("single_block", "single_layers", ("img",))),
+           notes="AuraFlow"),
+    Family("mochi", ("comfy.ldm.genmo.joint_model.asymm_models_joint.AsymmDiTJoint",),
+           (BlockList("double_block", "blocks", ("img", "txt")),),
+           apply_model_level=True, notes="Mochi preview (no DIFFUSION_MODEL hook: driven from APPLY_MODEL)"),
     # MMDiT's last block is "context pre-only": it returns no text stream.
     Family("sd3", ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper",),
            (BlockList("double_block", "joint_blocks", ("img", "txt"), last_carries=("img",)),),

@@ -280,10 +280,7 @@ def _stack_usable(ctx, module, args, kwargs, to) -> bool:
         return False
     contract = ctx.adapter.contract
     patches = (to or {}).get("patches") or {}
-    if forward_argument(module, "control", args, kwargs) is not None:
-        warn_once("Speculative Cache: a ControlNet is attached; its residuals are added outside "
-                  "the block patches, so this run forecasts the model output instead of blocks.")
-    elif contract is not None and any(patches.get(k) for k in contract.between_block_patches):
+    if contract is not None and any(patches.get(k) for k in contract.between_block_patches):
         warn_once(f"Speculative Cache: a model patch adds features between {contract.name} blocks; this run "
                   "forecasts the model output instead of blocks.")
     else:
@@ -317,6 +314,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
             warn_once("Speculative Cache: this model has no DIFFUSION_MODEL hook; forecasting "
                       "the model output at the APPLY_MODEL level.")
             ctx.stack_ok = False
+            ctx.run.stats.mode = "output"
             try:
                 _record_output(ctx, to, out, "apply_out")
             except Exception as e:
@@ -386,6 +384,10 @@ def _stack_forward(ctx, executor, args, kwargs, to):
             chunk.finish(REJECTED if call.rejected else FORECAST)
             return out
     call = ctx.active = make_call(ctx, chunk, forecast=False, verify=False)
+    # A ControlNet adds its residuals between blocks, outside the block patches: a stage's
+    # residual is then measured block by block, so that it holds only what the blocks did
+    # (the forward adds this step's real ControlNet residuals on forecast steps too).
+    call.own_residuals = forward_argument(executor.class_obj, "control", args, kwargs) is not None
     try:
         out = executor(*args, **kwargs)
     finally:
@@ -414,6 +416,8 @@ class BlockCall:
         self.stage_inputs: dict = {}
         self.failed: str = ""
         self.rejected = False
+        self.own_residuals = False      # sum each block's own residual (something adds between blocks)
+        self.stage_sum: dict = {}
 
     def block(self, key, args, run_block):
         loc = self.plan.locate(key)
@@ -427,12 +431,24 @@ class BlockCall:
     def _full_block(self, key, loc, args, run_block):
         stage, first, last = loc
         self.fired.append(tuple(key))
-        if first:
-            # Blocks add their residual in place (`x += ...`): keep the stage input.
+        if first or self.own_residuals:
+            # Blocks add their residual in place (`x += ...`): keep the input.
             self.stage_inputs = {t: args[t].clone() for t in stage.tensors}
+        if first:
+            self.stage_sum = {}
         out = run_block()
         self.chunk.add_units(1.0)
-        if last and len(self.stage_inputs) == len(stage.tensors):
+        if len(self.stage_inputs) != len(stage.tensors):
+            return out
+        if self.own_residuals:
+            # The stage residual is the sum of its blocks' own residuals: what the forward adds
+            # after a block (ControlNet) is left out here and added by the forward itself.
+            own = {t: out[t] - self.stage_inputs[t] for t in stage.tensors}
+            self.stage_sum = {t: self.stage_sum[t] + own[t] for t in own} if self.stage_sum else own
+            if last:
+                self.chunk.record({stage.feature(t): self.stage_sum[t] for t in stage.tensors})
+                self.stage_sum, self.stage_inputs = {}, {}
+        elif last:
             self.chunk.record({stage.feature(t): out[t] - self.stage_inputs[t] for t in stage.tensors})
             self.stage_inputs = {}
         return out

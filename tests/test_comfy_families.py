@@ -20,7 +20,8 @@ pytestmark = pytest.mark.comfy
 
 # tiny config -> family it must be recognised as
 BLOCK_LEVEL = {"wan21": "wan", "wan21_i2v": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
-               "hunyuan_video15": "hunyuan_video", "flux2": "flux"}
+               "hunyuan_video15": "hunyuan_video", "flux2": "flux", "auraflow": "auraflow",
+               "mochi": "mochi"}
 OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
 
 

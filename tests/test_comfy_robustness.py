@@ -313,3 +313,52 @@ def test_a_pack_that_chains_after_the_node_keeps_it_caching(spec_nodes, flux, st
     s = stats_log[-1]
     assert s["forecast"] > 0 and s["evaluations"] == 10 and calls
     assert ((out - ref).norm() / ref.norm()).item() < 0.1
+
+
+def _reference_controlnet(seed=5, scale=0.02):
+    """ComfyUI's FLUX ControlNet class (XLabs layout: a pixel-space hint) sized to the
+    reference model, weights N(0, scale): its residuals change the picture strongly."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    from benchmarks import reference_model as rm
+    unet = {k: v for k, v in tm.complete_unet_config(rm.MODELS["reference"]["unet"]).items() if k != "image_model"}
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device="cpu",
+                                                     dtype=torch.float32, **unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                       extra_conds=["y", "guidance"])
+
+
+def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log):
+    """A ControlNet adds its residuals between the blocks, outside the block patches. The
+    run stays at block level: each stage's residual is measured block by block without
+    them, and the forward adds this step's real residuals on forecast steps. Without that,
+    they counted twice and every verification failed (measured: no forecast accepted)."""
+    import comfy.sample
+    from benchmarks import reference_model as rm
+    model = rm.load_reference()
+    controlnet = _reference_controlnet()
+    hint = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+
+    def sample(patcher, control=True, steps=28, seed=1):
+        latent = torch.zeros(1, 16, 32, 32)
+        positive, negative = rm.conditioning(0), rm.conditioning(rm.NULL_CLASS)
+        if control:   # what ControlNetApplyAdvanced does
+            c = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+            positive, negative = ([[t, dict(d, control=c, control_apply_to_uncond=False)] for t, d in cond]
+                                  for cond in (positive, negative))
+        return comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, seed), steps, 2.0, "euler", "simple",
+                                   positive, negative, latent, disable_pbar=True, seed=seed)
+
+    reference = sample(model)
+    assert rm.psnr(rm.decode(reference), rm.decode(sample(model, control=False))) < 30    # the ControlNet acts
+    assert torch.equal(sample(simple(spec_nodes, model, speed=0.0)), reference)
+    out = sample(simple(spec_nodes, model, speed=0.5))
+    s = stats_log[-1]
+    assert s["mode"] == "stack" and not s["internal_error"], s
+    assert s["forecast"] >= 4 and s["compute_fraction"] < 0.8, s["timeline"]
+    assert rm.psnr(rm.decode(out), rm.decode(reference)) > 40

@@ -1,0 +1,55 @@
+"""Quick comparison of cache settings on a reference model: compute, PSNR, timelines.
+
+    .venv/bin/python -m benchmarks.schedule_sweep --model reference_deep --samples 8 \
+        'ts3=ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=2, final_full_steps=0)' \
+        't3=main_node(mode="speed_target", speed=0.5)' \
+        't3_w4=main_node(mode="speed_target", speed=0.5, options={"warmup_steps": 4})'
+
+Each argument is ``label=expression``; the expression builds a method from ``main_node``
+(the main node, with an optional Options dict) or ``ours`` (the legacy node's full settings),
+as in run_benchmark. Samples use the benchmark's labels and seeds (1000 + i). PSNR is that of
+all samples together (pooled squared error), so one bad picture weighs fully; run_benchmark's
+tables average the per-picture PSNR instead. No timing: this is for choosing settings, the
+benchmark measures them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+from . import comfy_env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("settings", nargs="+", help="label=expression")
+    args = ap.parse_args(argv)
+    comfy_env.setup_comfyui()
+    from . import reference_model as rm
+    from .run_benchmark import main_node, ours
+    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    seen = []
+    hooks.STATS_LISTENERS.append(lambda nid, s, final: final and seen.append(s))
+    model = rm.load_reference(args.model)
+    labels = [i % len(rm.CLASSES) for i in range(args.samples)]
+    seeds = [1000 + i for i in range(args.samples)]
+    reference = rm.sample(model, labels, seeds, steps=args.steps)
+    names = {"main_node": main_node, "ours": ours}
+    for item in args.settings:
+        label, _, expression = item.partition("=")
+        method = eval(expression, dict(names))        # the user's own command line
+        first = len(seen)
+        images = rm.sample(method(model), labels, seeds, steps=args.steps)
+        runs = seen[first:]
+        compute = sum(s["compute_fraction"] for s in runs) / max(len(runs), 1)
+        print(f"{label:24s} compute {compute:.3f}  PSNR {rm.psnr(images, reference):6.2f} dB  "
+              f"{runs[0]['timeline'] if runs else ''}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
