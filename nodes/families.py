@@ -34,6 +34,10 @@ class Family:
     between_block_patches: tuple = ()
     # whether the cache is driven from APPLY_MODEL (the forward has no DIFFUSION_MODEL hook)
     apply_model_level: bool = False
+    # the forward adds residuals of its own after some blocks (outside the block patches) that
+    # do not depend on the hidden state (Wan VACE): stage residuals are then summed block by
+    # block from what each block itself added, as with a ControlNet
+    adds_between_blocks: bool = False
     notes: str = field(default="", compare=False)
 
 
@@ -53,8 +57,14 @@ FAMILIES: tuple[Family, ...] = (
     # Single-stream blocks under "double_block" keys; the text context is read, not changed.
     Family("wan", ("comfy.ldm.wan.model.WanModel",),
            (BlockList("double_block", "blocks", ("img",)),),
-           notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint; VACE, camera, S2V and HuMo subclasses add "
+           notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint; the camera, S2V and HuMo subclasses compute "
                  "features between blocks and stay at output level"),
+    # VACE: after some blocks the forward adds the output of a VACE block, computed from the
+    # embedded input and the control video (never from the hidden state); VACE blocks run for
+    # real on every step.
+    Family("wan_vace", ("comfy.ldm.wan.model.VaceWanModel",),
+           (BlockList("double_block", "blocks", ("img",)),),
+           adds_between_blocks=True, notes="Wan 2.1 VACE, Wan 2.2 Fun VACE"),
     Family("qwen_image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
            (BlockList("double_block", "transformer_blocks", ("img", "txt")),),
            between_block_patches=("double_block",),

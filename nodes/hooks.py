@@ -387,7 +387,9 @@ def _stack_forward(ctx, executor, args, kwargs, to):
     # A ControlNet adds its residuals between blocks, outside the block patches: a stage's
     # residual is then measured block by block, so that it holds only what the blocks did
     # (the forward adds this step's real ControlNet residuals on forecast steps too).
-    call.own_residuals = forward_argument(executor.class_obj, "control", args, kwargs) is not None
+    contract = ctx.adapter.contract
+    call.own_residuals = ((contract is not None and contract.adds_between_blocks)
+                          or forward_argument(executor.class_obj, "control", args, kwargs) is not None)
     try:
         out = executor(*args, **kwargs)
     finally:

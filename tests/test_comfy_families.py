@@ -21,7 +21,7 @@ pytestmark = pytest.mark.comfy
 # tiny config -> family it must be recognised as
 BLOCK_LEVEL = {"wan21": "wan", "wan21_i2v": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
                "hunyuan_video15": "hunyuan_video", "flux2": "flux", "auraflow": "auraflow",
-               "mochi": "mochi"}
+               "mochi": "mochi", "wan21_vace": "wan_vace"}
 OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
 
 
@@ -182,3 +182,17 @@ def test_block_granularity_on_a_family_without_it_warns_and_uses_stack(spec_node
     assert any("block granularity is not available for sd3" in r.message for r in caplog.records)
     assert s["mode"] == "stack" and s["forecast"] > 0 and not s["internal_error"]
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_wan_vace_residuals_are_not_counted_twice(spec_nodes, stats_log):
+    """VACE adds its blocks' outputs between the main blocks, outside the block patches:
+    stage residuals are summed from what each main block added, and the forward adds this
+    step's VACE residuals itself. Measured on this tiny model: 4.7e-5 from uncached, against
+    1.2e-2 when the stage residuals held the VACE residuals too (counted twice)."""
+    _need("wan21_vace")
+    m = tm.build("wan21_vace", seed=3)
+    ref = tm.sample(m, "wan21_vace", steps=12)
+    out = tm.sample(cached(spec_nodes, m, threshold=5.0), "wan21_vace", steps=12)
+    s = stats_log[-1]
+    assert s["mode"] == "stack" and s["forecast"] >= 4
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-3
