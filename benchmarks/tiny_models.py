@@ -59,6 +59,14 @@ CONFIGS = {
                   window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, vace_layers=2,
                   vace_in_dim=96),
         extras=lambda g: {}),
+    # Camera control (Wan 2.1 Fun camera): the camera adapter adds to the embedded input, before
+    # the blocks; 16 latent + 16 reference-image channels in
+    "wan21_camera": dict(
+        cls="WAN21_Camera", latent=(1, 16, 3, 8, 8),
+        unet=dict(image_model="wan2.1", model_type="camera", patch_size=(1, 2, 2), text_len=16, in_dim=32,
+                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
+                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, in_dim_control_adapter=24),
+        extras=lambda g: {}),
     "wan22": dict(
         cls="WAN22_T2V", latent=(1, 48, 3, 8, 8),
         unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=48,

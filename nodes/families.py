@@ -55,10 +55,11 @@ FAMILIES: tuple[Family, ...] = (
             BlockList("single_block", "single_blocks", ("img",))),
            subclasses=True, notes="HunyuanVideo, HunyuanVideo 1.5 (0.8.0), HunyuanImage 2.1"),
     # Single-stream blocks under "double_block" keys; the text context is read, not changed.
-    Family("wan", ("comfy.ldm.wan.model.WanModel",),
+    Family("wan", ("comfy.ldm.wan.model.WanModel", "comfy.ldm.wan.model.CameraWanModel"),
            (BlockList("double_block", "blocks", ("img",)),),
-           notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint; the camera, S2V and HuMo subclasses compute "
-                 "features between blocks and stay at output level"),
+           notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint, Fun camera (its adapter adds to the input, "
+                 "before the blocks); the S2V and HuMo subclasses compute features between blocks "
+                 "and stay at output level"),
     # VACE: after some blocks the forward adds the output of a VACE block, computed from the
     # embedded input and the control video (never from the hidden state); VACE blocks run for
     # real on every step.
