@@ -26,12 +26,21 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--output-level", action="store_true",
+                    help="treat the model as one without block patches (Lumina 2, HiDream, Cosmos Predict2, "
+                         "OmniGen2): forecast its output as a whole, with that level's preset")
     ap.add_argument("settings", nargs="+", help="label=expression")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
+    comfy_env.pack_nodes()                 # loads the pack under its module name
     from . import reference_model as rm
     from .run_benchmark import main_node, ours
     hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    if args.output_level:
+        adapters = import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+        for name in ("hooks", "legacy_node", "speculative_cache"):
+            module = import_module(f"{comfy_env.PACK_MODULE}.nodes.{name}")
+            module.select_adapter = lambda diffusion_model: adapters.OutputAdapter()
     seen = []
     hooks.STATS_LISTENERS.append(lambda nid, s, final: final and seen.append(s))
     model = rm.load_reference(args.model)

@@ -115,6 +115,24 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).warmup_steps == 5
 
 
+def test_at_the_output_level_the_slider_sets_the_forecasts_in_a_row(spec_nodes, stats_log):
+    """A model the cache reaches only at the output level (Lumina 2) has no verification
+    threshold to set: the slider sets how many forecasts follow a computed step, and a
+    higher speed forecasts more steps. An interval set on the Options node wins."""
+    m = tm.build("lumina2", seed=3)
+    assert [config_of(simple(spec_nodes, m, speed=s)).max_forecast_steps for s in (0.1, 0.25, 0.5, 0.75, 1.0)] \
+        == [1, 1, 2, 3, 4]
+    assert config_of(simple(spec_nodes, m, speed=1.0, options=options(spec_nodes, max_forecast_steps=6))) \
+        .max_forecast_steps == 6
+    forecasts = []
+    for speed in (0.25, 1.0):
+        tm.sample(simple(spec_nodes, m, speed=speed), "lumina2", steps=16)
+        assert stats_log[-1]["mode"] == "output"
+        forecasts.append(stats_log[-1]["forecast"])
+    assert 0 < forecasts[0] < forecasts[1]
+    assert config_of(simple(spec_nodes, tm.build("flux", seed=3), speed=1.0)).max_forecast_steps == 8
+
+
 @pytest.mark.parametrize("legacy", [
     {},                                                             # the defaults
     None,                                                           # the shipped 0.1 workflow
