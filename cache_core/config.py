@@ -41,6 +41,9 @@ class CacheConfig:
     # mean step / step k (clamped to [1/4, 4]): lenient where the sampler takes small steps,
     # strict on the large final ones (benchmarks/diagnose_schedule.py measured this).
     step_weighting: bool = False
+    # Block level: serve the forecast of the model output itself on accepted forecast steps
+    # (the stage forecasts still feed the verification probe).
+    serve_output: bool = False
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0

@@ -381,6 +381,10 @@ def _stack_forward(ctx, executor, args, kwargs, to):
         elif not bool(torch.isfinite(out).all()):
             run.stats.nonfinite += 1
         else:
+            if run.config.serve_output and chunk.can_forecast(("served",)):
+                served = chunk.predict("served")
+                if served.shape == out.shape and bool(torch.isfinite(served).all()):
+                    out = served.to(out.dtype)
             chunk.finish(REJECTED if call.rejected else FORECAST)
             return out
     call = ctx.active = make_call(ctx, chunk, forecast=False, verify=False)
@@ -401,6 +405,8 @@ def _stack_forward(ctx, executor, args, kwargs, to):
                   "match its expected layout; forecasting the model output instead.")
         ctx.stack_ok = False
         chunk.record({"out": out})
+    elif run.config.serve_output:
+        chunk.record({"served": out})
     chunk.finish(REJECTED if chunk.rejected else COMPUTED)
     return out
 

@@ -106,8 +106,9 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     target = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25))
     # a target's schedule: order 1, warm-up just the two points it needs, step-size weighting
     assert (target.target_speedup, target.order, target.warmup_steps, target.step_weighting) == (2.0, 1, 2, True)
+    assert target.serve_output
     auto = config_of(simple(spec_nodes, flux))
-    assert (auto.order, auto.warmup_steps, auto.step_weighting) == (2, 3, False)
+    assert (auto.order, auto.warmup_steps, auto.step_weighting, auto.serve_output) == (2, 3, False, False)
     opts = options(spec_nodes, order=3)
     chosen = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts))
     assert (chosen.order, chosen.warmup_steps) == (3, 3)        # what the Options node sets wins
@@ -172,6 +173,28 @@ def test_speed_target_reaches_its_speedup_on_the_reference_model(spec_nodes, sta
     assert s["target_speedup"] == pytest.approx(target)
     assert 1.0 / s["compute_fraction"] == pytest.approx(target, rel=0.15), s["timeline"]
     assert s["rejected"] < s["verified"]
+
+
+def test_speed_target_serves_the_output_forecast(spec_nodes, stats_log):
+    """In target mode an accepted forecast step returns the forecast of the model output (the
+    stage forecasts only feed the verification probe): the picture differs from the one the
+    stage forecasts give, and both stay close to the uncached one."""
+    import dataclasses
+    from benchmarks import reference_model as rm
+    ref_model = rm.load_reference()
+    uncached = rm.sample(ref_model, [0], [1], steps=28)
+    served = simple(spec_nodes, ref_model, mode="speed_target", speed=0.25)
+    to = served.model_options["transformer_options"]
+    settings = to["speculative_cache"]
+    assert settings.config.serve_output
+    stages_only = served.clone()
+    stages_only.model_options["transformer_options"] = dict(to, speculative_cache=dataclasses.replace(
+        settings, config=dataclasses.replace(settings.config, serve_output=False)))
+    a = rm.sample(served, [0], [1], steps=28)
+    assert stats_log[-1]["forecast"] > 5
+    b = rm.sample(stages_only, [0], [1], steps=28)
+    assert not torch.equal(a, b)
+    assert rm.psnr(a, uncached) > 35 and rm.psnr(b, uncached) > 35
 
 
 def test_stats_carry_the_time_saved(spec_nodes, flux, stats_log):
