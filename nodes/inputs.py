@@ -238,7 +238,8 @@ def _speed_target_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
     tight budget forces go where the image feels them least. On the 19-block reference model
     (8 samples) this took 2x from 42.2 to 44.2 dB, 3x from 0.376 compute / 32.4 dB to
     0.352 / 34.9 dB, and 4x from 25.3 to 29.8 dB at the same compute; the 6-block model gained
-    1.3-2.3 dB at each target (benchmarks/results/reference_deep.md).
+    1.3-2.3 dB at each target (benchmarks.schedule_sweep; the table under "Speed target" in
+    the README).
 
     On accepted forecast steps the forecast of the model output itself is served (the stage
     forecasts still feed the verification probe): on the 19-block model +1.6 dB at 3x and
@@ -248,7 +249,7 @@ def _speed_target_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
         changes["step_weighting"] = True
-    return dataclasses.replace(config, **changes) if changes else config
+    return dataclasses.replace(config, **changes)
 
 
 def check_known(inputs: dict, known, node: str) -> None:
