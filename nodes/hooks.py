@@ -267,24 +267,24 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
             else:
                 warn_once(f"Speculative Cache: block granularity is not available for "
                           f"{type(module).__name__}; using stack granularity.")
-    if _stack_usable(ctx, module, args, kwargs, to):
+    if _stack_usable(ctx, to):
         return _stack_forward(ctx, executor, args, kwargs, to)
     return _output_forward(ctx, executor, args, kwargs, to, "out")
 
 
-def _stack_usable(ctx, module, args, kwargs, to) -> bool:
-    """Block level, unless something adds residuals between blocks outside the block
-    patches (a ControlNet, a family's between-block patches): a stage's forecast residual
-    already holds them, so they would count twice. Output level for that call then."""
+def _stack_usable(ctx, to) -> bool:
+    """Block level, unless a family's between-block model patches are attached: they may
+    read the hidden state, which a forecast step does not compute block by block. Output
+    level for that call then. (ControlNet and VACE residuals do not read it: see
+    ``BlockCall.own_residuals``.)"""
     if not ctx.stack_ok:
         return False
     contract = ctx.adapter.contract
     patches = (to or {}).get("patches") or {}
-    if contract is not None and any(patches.get(k) for k in contract.between_block_patches):
-        warn_once(f"Speculative Cache: a model patch adds features between {contract.name} blocks; this run "
-                  "forecasts the model output instead of blocks.")
-    else:
+    if contract is None or not any(patches.get(k) for k in contract.between_block_patches):
         return True
+    warn_once(f"Speculative Cache: a model patch adds features between {contract.name} blocks; this run "
+              "forecasts the model output instead of blocks.")
     ctx.run.stats.mode = "output"
     return False
 
@@ -303,7 +303,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
                       "using stack granularity.")
 
         def call():
-            if _stack_usable(ctx, executor.class_obj, args, kwargs, to):
+            if _stack_usable(ctx, to):
                 return _stack_forward(ctx, executor, args, kwargs, to)
             return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
         return guard.cached_call(ctx, executor, args, kwargs, call)

@@ -16,6 +16,7 @@ from ..cache_core import CacheConfig
 from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
 from ..cache_core.presets import PAPER, PRESETS, resolve_settings
 from ..cache_core.target import mapped_target
+from .adapters import OutputAdapter
 
 _D = CacheConfig()
 OPTIONS_TYPE = "SPECULATIVE_CACHE_OPTIONS"
@@ -156,8 +157,6 @@ MODES = ("auto", "speed_target", *PAPER.keys())
 # Where speed 0.5 lands: the metric's default threshold (the papers' base thresholds).
 BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
 SPEED_TARGET_ORDER = 1
-# The family name of models the cache can only reach at the output level (adapters.OutputAdapter).
-OUTPUT_LEVEL_FAMILY = "generic"
 PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
 # speed 0 -> off; speed -> 0+: base / 5; 0.5: base; 1: base x 10 (0.02 .. 0.1 .. 1.0 for
 # relative_norm, the range where the threshold changes what a run does).
@@ -220,7 +219,7 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     if mode == "speed_target":
         config = _speed_target_schedule(config, opts)
         what = f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
-    elif family == OUTPUT_LEVEL_FAMILY and mode == "auto":
+    elif family == OutputAdapter.family and mode == "auto":
         # No verification probe at the output level, so no threshold to set: the slider sets
         # how many forecasts may follow a computed step instead (0.5: the preset's 2).
         if opts["max_forecast_steps"] == OPTIONS_DEFAULTS["max_forecast_steps"]:

@@ -128,10 +128,10 @@ def test_lora_hook_keyframes_start_the_history_over(spec_nodes, flux, stats_log)
     steps, keyframes = 12, [(0.0, 1.0), (0.45, 0.0)]   # 0.45: between two steps
     lora = _lora(flux)
     base = tm.sample(flux, "flux", steps=steps)
-    reference = tm.sample(flux, "flux", steps=steps, positive=_hooked_conditioning(lora, keyframes)[0],
-                          negative=_hooked_conditioning(lora, keyframes)[1])
-    constant = tm.sample(flux, "flux", steps=steps, positive=_hooked_conditioning(lora, None)[0],
-                         negative=_hooked_conditioning(lora, None)[1])
+    positive, negative = _hooked_conditioning(lora, keyframes)
+    reference = tm.sample(flux, "flux", steps=steps, positive=positive, negative=negative)
+    positive, negative = _hooked_conditioning(lora, None)
+    constant = tm.sample(flux, "flux", steps=steps, positive=positive, negative=negative)
     assert ((reference - constant).norm() / constant.norm()).item() > 0.01     # the keyframe acts
 
     def run(speed):
