@@ -234,6 +234,36 @@ def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler: s
     return torch.cat(images)
 
 
+def source_latents(labels) -> torch.Tensor:
+    """Sampler-space latents [n, 16, 32, 32] of a centre crop of each label's photograph
+    (the pictures an inpainting run edits)."""
+    import comfy.latent_formats
+    photos = load_photos()
+    crops = []
+    for label in labels:
+        img = photos[label]
+        y, x = (img.shape[0] - IMAGE_SIZE) // 2, (img.shape[1] - IMAGE_SIZE) // 2
+        crops.append(img[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE])
+    latent = to_latent(torch.stack(crops)[:, None], read_config()["pixel_mean"])
+    return comfy.latent_formats.Flux().process_out(latent)
+
+
+def inpaint(patcher, labels, seeds, mask: torch.Tensor, steps: int = 28, cfg: float = 2.0,
+            sampler: str = "euler", scheduler: str = "simple"):
+    """Inpainting through ComfyUI's real sampler: each label's photograph (source_latents)
+    with ``mask`` (1 = regenerate, at latent or pixel resolution) regenerated as that class,
+    as Set Latent Noise Mask does. Returns images [n, 1, H, W]."""
+    import comfy.sample
+    images = []
+    for label, seed, latent in zip(labels, seeds, source_latents(labels)):
+        latent = latent[None]
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, conditioning(label),
+                                  conditioning(NULL_CLASS), latent, noise_mask=mask, disable_pbar=True, seed=seed)
+        images.append(decode(out))
+    return torch.cat(images)
+
+
 def save_grid(rows: list[torch.Tensor], path, labels: list[str] | None = None, pad: int = 4):
     """rows: list of [n, 1, H, W] tensors in [0, 1] -> one PNG, a row per tensor."""
     from PIL import Image, ImageDraw

@@ -6,8 +6,9 @@
         't3_w4=main_node(mode="speed_target", speed=0.5, options={"warmup_steps": 4})'
 
 Each argument is ``label=expression``; the expression builds a method from ``main_node``
-(the main node, with an optional Options dict) or ``ours`` (the legacy node's full settings),
-as in run_benchmark. Samples use the benchmark's labels and seeds (1000 + i). PSNR is that of
+(the main node, with an optional Options dict), ``ours`` (the legacy node's full settings),
+as in run_benchmark, or ``engine`` (the main node's mode and speed with CacheConfig fields
+replaced, e.g. ``engine(serve_output=True, step_weighting=True)``). Samples use the benchmark's labels and seeds (1000 + i). PSNR is that of
 all samples together (pooled squared error), so one bad picture weighs fully; run_benchmark's
 tables average the per-picture PSNR instead. No timing: this is for choosing settings, the
 benchmark measures them."""
@@ -47,7 +48,22 @@ def main(argv=None) -> int:
     labels = [i % len(rm.CLASSES) for i in range(args.samples)]
     seeds = [1000 + i for i in range(args.samples)]
     reference = rm.sample(model, labels, seeds, steps=args.steps)
-    names = {"main_node": main_node, "ours": ours}
+    def engine(mode="auto", speed=0.5, **fields):
+        """The main node's config for (mode, speed) with these CacheConfig fields replaced
+        (engine settings no node input reaches, such as serve_output)."""
+        import dataclasses
+        inputs = import_module(f"{comfy_env.PACK_MODULE}.nodes.inputs")
+        adapters = import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+
+        def apply(m):
+            adapter = (adapters.OutputAdapter() if args.output_level
+                       else adapters.select_adapter(m.get_model_object("diffusion_model")))
+            config, _ = inputs.simple_config(adapter.family, mode, speed, 0.0, 1.0, None)
+            settings = hooks.CacheSettings(config=dataclasses.replace(config, **fields))
+            return hooks.install(m, settings, adapter)[0]
+        return apply
+
+    names = {"main_node": main_node, "ours": ours, "engine": engine}
     for item in args.settings:
         label, _, expression = item.partition("=")
         method = eval(expression, dict(names))        # the user's own command line

@@ -215,14 +215,19 @@ class Chunk:
         parts = [s.forecasters[name].get_anchor() for s in self.streams()]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def verify(self, pred: torch.Tensor, real: torch.Tensor, feature: str | None = None) -> bool:
+    def verify(self, pred: torch.Tensor, real: torch.Tensor, feature: str | None = None,
+               rows: torch.Tensor | None = None) -> bool:
         """Per-stream errors; the chunk passes only if every stream passes. ``feature``: the
-        name of the verified feature (the metric relative_change compares with its anchor)."""
+        name of the verified feature (the metric relative_change compares with its anchor).
+        ``rows``: compare only these token rows (dim 1), e.g. an edit region's tokens."""
         run = self.run
         ok = True
         anchors = [None] * len(self.keys)
         if run.verifier.needs_anchor and feature is not None:
-            anchors = self.split(self.anchor(feature))
+            anchor = self.anchor(feature)
+            anchors = self.split(anchor if rows is None else anchor.index_select(1, rows))
+        if rows is not None:
+            pred, real = pred.index_select(1, rows), real.index_select(1, rows)
         tau = run.threshold()
         for p, r, a in zip(self.split(pred), self.split(real), anchors):
             err = run.verifier.error(p, r, a)

@@ -1,8 +1,9 @@
 """ComfyUI side of the pack: the nodes and the glue that hooks the engine into models."""
 
+from .edit_region import SpeculativeCacheEditRegion
 from .legacy_node import SpeculativeCache
 from .speculative_cache import SpeculativeCacheOptions, SpeculativeCacheSimple
 
-NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache]
+NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache, SpeculativeCacheEditRegion]
 
-__all__ = ["SpeculativeCache", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]
+__all__ = ["SpeculativeCache", "SpeculativeCacheEditRegion", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]

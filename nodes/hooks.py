@@ -24,7 +24,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, guard, memory, model_weights
+from . import blockwise, edit_region, guard, memory, model_weights
 from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument, select_adapter,
                        warn_once)
 
@@ -486,7 +486,8 @@ class BlockCall:
             if pred is None:
                 return out
             real = out[t0] - inputs[t0]
-            if not self.chunk.verify(pred[t0], real, stage.feature(t0)):
+            rows = edit_region.verification_rows(args)      # an Edit Region node's tokens, if any
+            if not self.chunk.verify(pred[t0], real, stage.feature(t0), rows):
                 self.rejected = True
             return out
         if not first:

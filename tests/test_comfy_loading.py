@@ -14,6 +14,7 @@ pytestmark = pytest.mark.comfy
 
 WORKFLOWS = sorted((comfy_env.PACK_ROOT / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+OUR_NODES = {"SpeculativeCacheSimple", "SpeculativeCacheEditRegion"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
     wf = json.loads(path.read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
     types = [n["type"] for n in wf["nodes"]]
-    assert "SpeculativeCacheSimple" in types
+    assert OUR_NODES & set(types)
     for node in wf["nodes"]:
         cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
         assert cls is not None, f"{path.name}: unknown node {node['type']}"
@@ -74,7 +75,7 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
         assert by_id[dst]["inputs"][dslot]["type"] == typ
         assert by_id[dst]["inputs"][dslot]["link"] == link_id
     # Every Speculative Cache sits between a model loader and a sampler
-    for sc in (n for n in wf["nodes"] if n["type"] == "SpeculativeCacheSimple"):
+    for sc in (n for n in wf["nodes"] if n["type"] in OUR_NODES):
         downstream = {by_id[dst]["type"] for _, src, _, dst, _, _ in wf["links"] if src == sc["id"]}
         assert downstream in ({"KSampler"}, {"KSamplerAdvanced"})
 
@@ -83,13 +84,18 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
 def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
     """The Speculative Cache widget values in the workflow build a working config."""
     wf = json.loads(path.read_text())
-    sc = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCacheSimple")
-    widgets, _ = _widget_inputs(spec_nodes.SpeculativeCacheSimple)
-    settings = dict(zip(widgets, sc["widgets_values"]))
-    assert settings == {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
     import benchmarks.tiny_models as tm
-    out = spec_nodes.SpeculativeCacheSimple.execute(tm.build("flux"), **settings)
-    assert out.result[0] is not None
+    defaults = {"SpeculativeCacheSimple": {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0},
+                "SpeculativeCacheEditRegion": {"margin": 2, "refresh_interval": 3, "final_refresh_steps": 1,
+                                               "context": "linear"}}
+    for sc in (n for n in wf["nodes"] if n["type"] in OUR_NODES):
+        node_class = getattr(spec_nodes, sc["type"])
+        widgets, _ = _widget_inputs(node_class)
+        settings = dict(zip(widgets, sc["widgets_values"]))
+        assert settings == defaults[sc["type"]]
+        assert {i.id: i.default for i in node_class.GET_SCHEMA().inputs if i.id in settings} == settings
+        out = node_class.execute(tm.build("flux"), **settings)
+        assert out.result[0] is not None
 
 
 def test_comparison_workflow_samples_the_same_seed_with_and_without_the_cache():
