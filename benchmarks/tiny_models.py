@@ -135,6 +135,26 @@ CONFIGS = {
                   context_embedder_config={"target": "torch.nn.Linear",
                                            "params": {"in_features": 64, "out_features": 128}}),
         extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g)}),
+    # U-Nets (DaTo token pruning): ComfyUI's UNetModel with two levels, a transformer block
+    # at each, SD1.5's and SDXL's config classes (SDXL's adm = 64 pooled + 6 x 256 sizes; its
+    # class fixes 64 channels per head, so 64 channels at the first level).
+    "sd15": dict(
+        cls="SD15", latent=(1, 4, 32, 32),
+        unet=dict(context_dim=64, model_channels=32, use_linear_in_transformer=False, adm_in_channels=None,
+                  use_temporal_attention=False, use_checkpoint=False, image_size=32, out_channels=4,
+                  use_spatial_transformer=True, legacy=False, in_channels=4, num_res_blocks=[1, 1],
+                  channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+                  transformer_depth_middle=1, num_head_channels=16, use_temporal_resblock=False),
+        extras=lambda g: {}),
+    "sdxl": dict(
+        cls="SDXL", latent=(1, 4, 32, 32),
+        unet=dict(context_dim=64, model_channels=64, use_linear_in_transformer=True, adm_in_channels=1600,
+                  num_classes="sequential",
+                  use_temporal_attention=False, use_checkpoint=False, image_size=32, out_channels=4,
+                  use_spatial_transformer=True, legacy=False, in_channels=4, num_res_blocks=[1, 1],
+                  channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+                  transformer_depth_middle=1, num_head_channels=16, use_temporal_resblock=False),
+        extras=lambda g: {"pooled_output": torch.randn(1, 64, generator=g)}),
 }
 
 

@@ -3,7 +3,9 @@
 from .edit_region import SpeculativeCacheEditRegion
 from .legacy_node import SpeculativeCache
 from .speculative_cache import SpeculativeCacheOptions, SpeculativeCacheSimple
+from .token_pruning import SpeculativeCacheTokenPruning
 
-NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache, SpeculativeCacheEditRegion]
+NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache, SpeculativeCacheEditRegion,
+             SpeculativeCacheTokenPruning]
 
-__all__ = ["SpeculativeCache", "SpeculativeCacheEditRegion", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]
+__all__ = ["SpeculativeCache", "SpeculativeCacheEditRegion", "SpeculativeCacheTokenPruning", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]

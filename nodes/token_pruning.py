@@ -1,0 +1,248 @@
+"""The Speculative Cache Token Pruning node for SD1.5 / SDXL-class U-Nets (DaTo, arXiv
+2501.00375; the tensor side is cache_core/token_pruning.py).
+
+Between refresh steps each attention layer of the U-Net's transformer blocks computes
+only the tokens whose input moved most since they were last computed; the others'
+outputs come from the token cache. It hooks in like ComfyUI's own ToMe node, through the
+chainable attention patches (``attn1_patch`` / ``attn1_output_patch``, and the ``attn2``
+pair for cross-attention when asked), plus an OUTER_SAMPLE wrapper that owns the run's
+cache (a per-run clone of ``model_options``; dropped at the end of the run).
+
+``ratio`` 0, or a refresh every step, leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension as pe
+from comfy_api.latest import io
+
+from ..cache_core.token_pruning import TokenCache, gather_tokens, kept_count, scatter_tokens, select_dynamic
+from .adapters import warn_once
+
+log = logging.getLogger("speculative_cache")
+
+HOLDER_KEY = "speculative_cache_pruning"
+RUN_KEY = "speculative_cache_pruning_run"
+WRAPPER_KEY = "speculative_cache_pruning"
+STATS_LISTENERS: list = []          # callbacks (node_id, stats dict) at the end of each run
+LAYERS = {"self-attention": ("attn1",), "self- and cross-attention": ("attn1", "attn2")}
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    ratio: float = 0.5
+    refresh_interval: int = 3
+    layers: tuple = ("attn1",)
+    node_id: str | None = None
+
+
+@dataclass
+class PruningStats:
+    attention_calls: int = 0
+    pruned_calls: int = 0
+    query_tokens: int = 0
+    computed_tokens: int = 0
+    cache_bytes: int = 0
+    disabled: str = ""
+
+    def to_dict(self):
+        d = dict(self.__dict__)
+        d["computed_token_fraction"] = self.computed_tokens / self.query_tokens if self.query_tokens else 1.0
+        return d
+
+    def summary(self):
+        if self.disabled:
+            return f"Speculative Cache Token Pruning: off for this run ({self.disabled})"
+        share = self.computed_tokens / self.query_tokens if self.query_tokens else 1.0
+        return (f"Speculative Cache Token Pruning: {self.pruned_calls} of {self.attention_calls} attention calls "
+                f"pruned; {share:.3f} of the query tokens computed")
+
+
+class PruningRun:
+    def __init__(self, settings: PruningSettings, sigmas):
+        self.settings = settings
+        self.sample_sigmas = [float(s) for s in sigmas]
+        self.total_steps = len(self.sample_sigmas) - 1
+        self.caches: dict = {}
+        self.stats = PruningStats()
+
+    def disable(self, reason: str):
+        if not self.stats.disabled:
+            self.stats.disabled = reason
+            log.warning("Speculative Cache Token Pruning: %s; this run continues without it.", reason)
+        self.caches.clear()
+
+    def prunes_step(self, extra) -> bool:
+        """Refresh (every token) on the first step, every ``refresh_interval``-th step and
+        the last one; prune the others."""
+        sigma = extra.get("sigmas")
+        if sigma is None:
+            return False
+        sigma = float(torch.as_tensor(sigma).max())
+        step = sum(1 for s in self.sample_sigmas[:-1] if s > sigma * (1 + 1e-3) + 1e-9)
+        interval = self.settings.refresh_interval
+        return 0 < step < self.total_steps - 1 and step % interval != 0
+
+
+def _cache_key(which, n, extra):
+    return (which, extra.get("block"), extra.get("block_index"), tuple(str(u) for u in extra.get("uuids") or ()),
+            n.shape[0])
+
+
+def _attention_patch(which):
+    """The ``<which>_patch``: prune the queries of a pruned step."""
+    def patch(n, context, value, extra):
+        run = extra.get(RUN_KEY)
+        if run is None or run.stats.disabled or n.ndim != 3:
+            return n, context, value
+        cache = run.caches.setdefault(_cache_key(which, n, extra), TokenCache())
+        run.stats.attention_calls += 1
+        run.stats.query_tokens += n.shape[0] * n.shape[1]
+        keep = kept_count(n.shape[1], run.settings.ratio)
+        if not (run.prunes_step(extra) and cache.fits(n)) or keep >= n.shape[1]:
+            cache.pending = None
+            cache.reference = n.detach()
+            run.stats.computed_tokens += n.shape[0] * n.shape[1]
+            return n, context, value
+        idx = select_dynamic(n, cache.reference, keep)
+        queries = gather_tokens(n, idx)
+        cache.reference = scatter_tokens(cache.reference, idx, queries)
+        cache.pending = idx
+        run.stats.pruned_calls += 1
+        run.stats.computed_tokens += idx.numel()
+        # Self-attention's keys and values still come from every token (context is n).
+        return queries, context, value
+    patch.speculative_cache_pruning = which
+    return patch
+
+
+def _output_patch(which):
+    """The ``<which>_output_patch``: put the computed tokens back among the cached ones."""
+    def patch(out, extra):
+        run = extra.get(RUN_KEY)
+        if run is None or run.stats.disabled or out.ndim != 3:
+            return out
+        cache = run.caches.get(_cache_key(which, out, extra))
+        if cache is None:
+            return out
+        idx, cache.pending = cache.pending, None
+        if idx is None:
+            cache.output = out.detach()
+            return out
+        if out.shape[1] != idx.shape[1] or cache.output is None:
+            # Another patch changed the token count between ours (ToMe after this node): the
+            # call cannot be completed from the cache. Stop pruning; this call's shape is
+            # what the other patch made of it.
+            run.disable(f"another attention patch changed the token count ({out.shape[1]} tokens, "
+                        f"{idx.shape[1]} computed)")
+            return out
+        cache.output = scatter_tokens(cache.output, idx, out)
+        return cache.output
+    patch.speculative_cache_pruning = which
+    return patch
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    original = guider.model_options
+    settings = original.get("transformer_options", {}).get(HOLDER_KEY)
+    if not isinstance(settings, PruningSettings):
+        return executor(*args, **kwargs)
+    run = PruningRun(settings, args[3])
+    try:
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        guider.model_options["transformer_options"][RUN_KEY] = run
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original
+        run.stats.cache_bytes = sum(c.nbytes() for c in run.caches.values())
+        run.caches.clear()
+        log.info(run.stats.summary())
+        for listener in list(STATS_LISTENERS):
+            try:
+                listener(settings.node_id, run.stats.to_dict())
+            except Exception:
+                log.exception("Speculative Cache Token Pruning: stats listener failed")
+
+
+def supports(diffusion_model) -> bool:
+    try:
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    except ImportError:
+        return False
+    return isinstance(diffusion_model, UNetModel)
+
+
+def install(model, settings: PruningSettings):
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    patches = to.get("patches", {})
+    # A second node of ours replaces the first one's patches.
+    for name in ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch"):
+        if name in patches:
+            kept = [p for p in patches[name] if not hasattr(p, "speculative_cache_pruning")]
+            patches[name] = kept
+    if any(patches.get(name) for name in ("attn1_patch", "attn2_patch")):
+        warn_once("Speculative Cache Token Pruning: the model has other attention patches (ToMe?); put "
+                  "this node after them, or the two may not combine.")
+    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    to[HOLDER_KEY] = settings
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    if "attn1" in settings.layers:
+        m.set_model_attn1_patch(_attention_patch("attn1"))
+        m.set_model_attn1_output_patch(_output_patch("attn1"))
+    if "attn2" in settings.layers:
+        m.set_model_attn2_patch(_attention_patch("attn2"))
+        m.set_model_attn2_output_patch(_output_patch("attn2"))
+    return m
+
+
+class SpeculativeCacheTokenPruning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeculativeCacheTokenPruning",
+            display_name="Speculative Cache Token Pruning (SD1.5/SDXL)",
+            category="model_patches/speculative_cache",
+            description=(
+                "U-Net models (SD1.5, SDXL and their finetunes): between refresh steps each attention "
+                "layer computes only the tokens that changed most since they were last computed and "
+                "serves the others from a token cache (DaTo). Chains with ToMe-style patches; ratio 0 = off."),
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input("ratio", default=0.5, min=0.0, max=0.95, step=0.05,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="Share of the tokens served from the cache at a pruned step. 0: off "
+                                       "(identical picture)."),
+                io.Int.Input("refresh_interval", default=3, min=1, max=100,
+                             tooltip="Every this many steps every token is computed (and the first and last "
+                                     "steps). 1: every step (identical picture)."),
+                io.Combo.Input("layers", options=list(LAYERS), default="self-attention",
+                               tooltip="Which attention layers prune their tokens."),
+            ],
+            outputs=[io.Model.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, ratio=0.5, refresh_interval=3, layers="self-attention") -> io.NodeOutput:
+        if layers not in LAYERS:
+            raise ValueError(f"Speculative Cache Token Pruning: layers must be one of {list(LAYERS)}, got {layers!r}")
+        if not (0.0 <= float(ratio) < 1.0) or int(refresh_interval) < 1:
+            raise ValueError("Speculative Cache Token Pruning: ratio in [0, 1), refresh_interval >= 1")
+        if float(ratio) == 0.0:
+            return io.NodeOutput(model)                  # off: the model as it came
+        dm = model.get_model_object("diffusion_model")
+        if not supports(dm):
+            warn_once(f"Speculative Cache Token Pruning: {type(dm).__name__} is not a U-Net (SD1.5/SDXL); "
+                      "the node leaves it unchanged. For transformers use Speculative Cache.")
+            return io.NodeOutput(model)
+        hidden = getattr(cls, "hidden", None)
+        settings = PruningSettings(ratio=float(ratio), refresh_interval=int(refresh_interval),
+                                   layers=LAYERS[layers], node_id=hidden.unique_id if hidden is not None else None)
+        return io.NodeOutput(install(model, settings))
