@@ -87,8 +87,19 @@ def test_pruned_steps_compute_fewer_queries_and_stay_close(spec_nodes, unets, pr
     assert share == pytest.approx(s["computed_token_fraction"], rel=1e-6)
     assert share == pytest.approx((4 + 5 * 0.5) / STEPS, abs=0.01)
     assert counter.rows["k"] == full["k"]                # keys and values from every token
-    rel = float((out - ref).norm() / ref.norm())
-    assert 0 < rel < 0.05
+    # (random weights barely use attention: fidelity is checked on the trained U-Net below)
+    assert not torch.equal(out, ref) and bool(torch.isfinite(out).all())
+
+
+def test_on_the_trained_reference_unet_the_picture_stays_close(spec_nodes, pruning_stats):
+    from benchmarks import reference_model as rm
+    from benchmarks import reference_unet as ru
+    model = ru.load()
+    labels, seeds = [0, 3], [1000, 1003]
+    ref = ru.sample(model, labels, seeds, steps=12)
+    out = ru.sample(pruned(spec_nodes, model), labels, seeds, steps=12)
+    assert pruning_stats[-1]["pruned_calls"] > 0
+    assert 40.0 < rm.psnr(out, ref) < 100.0        # measured 48.2 dB (53 dB at 20 steps, 8 samples)
 
 
 def test_cross_attention_too(spec_nodes, unets, pruning_stats):
@@ -129,16 +140,21 @@ def test_a_second_node_replaces_the_first(spec_nodes, unets):
     assert len(patches["attn1_patch"]) == 1 and len(patches["attn1_output_patch"]) == 1
 
 
-def test_with_comfyui_tome_it_never_breaks_sampling(spec_nodes, unets, pruning_stats):
-    """Core's ToMe merges tokens in the same patch lists: either order samples, and the
-    pruning steps aside when the token counts no longer match."""
+def test_with_comfyui_tome_on_the_same_model(spec_nodes, unets, pruning_stats):
+    """Core's ToMe merges tokens in the same patch lists. In either order the layers where it
+    changes the token count are left to it (the token cache's shapes do not match there) and
+    the others are pruned: sampling never breaks."""
     from comfy_extras.nodes_tomesd import TomePatchModel
+
+    def tome(model):
+        out = TomePatchModel.execute(model, ratio=0.3)
+        return out.result[0] if hasattr(out, "result") else out[0]
     m = unets["sd15"]
-    tome = TomePatchModel.execute(m, ratio=0.3)
-    tome = tome.result[0] if hasattr(tome, "result") else tome[0]
-    for patched in (pruned(spec_nodes, tome, ratio=0.5), ):
+    for patched in (pruned(spec_nodes, tome(m)), tome(pruned(spec_nodes, m))):
         out = tm.sample(patched, "sd15", steps=STEPS)
-        assert torch.isfinite(out).all()
+        assert bool(torch.isfinite(out).all())
+        s = pruning_stats[-1]
+        assert s["pruned_calls"] > 0 and not s["disabled"]
 
 
 def test_bad_inputs_are_refused(spec_nodes, unets):
