@@ -69,7 +69,7 @@ def test_off_settings_are_bit_identical(spec_nodes, unets, pruning_stats, name):
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
-def test_pruned_steps_compute_fewer_queries_and_stay_close(spec_nodes, unets, pruning_stats, name):
+def test_pruned_steps_compute_fewer_queries_with_every_key(spec_nodes, unets, pruning_stats, name):
     m = unets[name]
     ref = tm.sample(m, name, steps=STEPS)
     counter = AttentionRows(m)
