@@ -516,6 +516,25 @@ def test_chunk_verifies_relative_change_against_each_streams_anchor(core):
     assert not chunk.verify(bad, real, "f")
 
 
+def test_chunk_verifies_only_the_rows_it_is_given(core):
+    """An edit region's verification: tokens outside the given rows do not count, for the
+    plain metric and for the anchored one (whose anchor is cut to the same rows)."""
+    for metric, threshold in (("relative_norm", 0.1), ("relative_change", 0.5)):
+        run = core.SpeculativeRun(core.CacheConfig(metric=metric, threshold=threshold), 10)
+        run.begin_evaluation(1.0, 0)
+        anchor = torch.zeros(1, 6, 3)
+        run.chunk(["a"], 1, units_full=1).record({"f": anchor})
+        run.begin_evaluation(0.9, 1)
+        chunk = run.chunk(["a"], 1, units_full=1)
+        real = torch.ones(1, 6, 3)
+        pred = real.clone()
+        pred[:, 4:] = -5.0                                  # far off, but only on tokens 4 and 5
+        rows = torch.tensor([0, 2, 3])
+        assert chunk.verify(pred, real, "f", rows=rows), metric
+        assert not chunk.verify(pred, real, "f"), metric
+        assert not chunk.verify(pred, real, "f", rows=torch.tensor([1, 5])), metric
+
+
 def test_step_weighting_scales_the_threshold_by_the_step_size(core):
     from importlib import import_module
     run_mod = import_module(core.__name__ + ".run")
