@@ -3,7 +3,7 @@
 
 Between refresh steps each attention layer of the U-Net's transformer blocks computes
 only the tokens whose input moved most since they were last computed; the others'
-outputs come from the token cache. It hooks in like ComfyUI's own ToMe node, through the
+outputs come from the token cache, moved by the computed tokens' mean change. It hooks in like ComfyUI's own ToMe node, through the
 chainable attention patches (``attn1_patch`` / ``attn1_output_patch``, and the ``attn2``
 pair for cross-attention when asked), plus an OUTER_SAMPLE wrapper that owns the run's
 cache (a per-run clone of ``model_options``; dropped at the end of the run).
@@ -21,7 +21,8 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
-from ..cache_core.token_pruning import TokenCache, gather_tokens, kept_count, scatter_tokens, select_dynamic
+from ..cache_core.token_pruning import (TokenCache, gather_tokens, kept_count, scatter_tokens, select_dynamic,
+                                        served_output)
 from .adapters import warn_once
 
 log = logging.getLogger("speculative_cache")
@@ -141,7 +142,7 @@ def _output_patch(which):
             run.disable(f"another attention patch changed the token count ({out.shape[1]} tokens, "
                         f"{idx.shape[1]} computed)")
             return out
-        cache.output = scatter_tokens(cache.output, idx, out)
+        cache.output = served_output(cache.output, idx, out)
         return cache.output
     patch.speculative_cache_pruning = which
     return patch

@@ -99,7 +99,7 @@ def test_on_the_trained_reference_unet_the_picture_stays_close(spec_nodes, pruni
     ref = ru.sample(model, labels, seeds, steps=12)
     out = ru.sample(pruned(spec_nodes, model), labels, seeds, steps=12)
     assert pruning_stats[-1]["pruned_calls"] > 0
-    assert 40.0 < rm.psnr(out, ref) < 100.0        # measured 48.2 dB (53 dB at 20 steps, 8 samples)
+    assert 50.0 < rm.psnr(out, ref) < 100.0        # measured 62.3 dB (67.7 dB at 20 steps, 8 samples)
 
 
 def test_cross_attention_too(spec_nodes, unets, pruning_stats):

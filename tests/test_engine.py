@@ -613,3 +613,28 @@ def test_speed_target_out_of_reach_spends_all_it_may_and_says_so(core):
 def test_speed_target_is_off_at_zero_threshold_and_for_unverified_methods(core):
     assert core.SpeculativeRun(core.CacheConfig(threshold=0.0, target_speedup=3.0), 10).target is None
     assert core.SpeculativeRun(core.CacheConfig(method="taylorseer", target_speedup=3.0), 10).target is None
+
+
+def _pruning(core):
+    from importlib import import_module
+    return import_module(core.__name__ + ".token_pruning")
+
+
+def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_drift(core):
+    tp = _pruning(core)
+    reference = torch.zeros(2, 5, 3)
+    x = reference.clone()
+    x[0, [1, 3]] += 1.0                     # row 0: tokens 1 and 3 moved
+    x[1, [0, 4]] += torch.tensor([2.0, 0.5, 0.0])
+    idx = tp.select_dynamic(x, reference, keep=2)
+    assert idx.tolist() == [[1, 3], [0, 4]]
+    assert tp.kept_count(10, 0.5) == 5 and tp.kept_count(3, 0.95) == 1
+    cached = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    fresh = tp.gather_tokens(cached, idx) + torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 4.0]]])
+    fresh[0, 0] += 2.0                      # token 1 of row 0 moved more than token 3
+    out = tp.served_output(cached, idx, fresh)
+    assert torch.equal(tp.gather_tokens(out, idx), fresh)          # computed tokens: fresh
+    drift = (fresh - tp.gather_tokens(cached, idx)).mean(1, keepdim=True)
+    pruned = torch.tensor([[0, 2, 4], [1, 2, 3]])
+    assert torch.allclose(tp.gather_tokens(out, pruned), tp.gather_tokens(cached, pruned) + drift)
+    assert drift[0, 0].tolist() == [2.0, 3.0, 4.0]
