@@ -136,9 +136,9 @@ def _output_patch(which):
             cache.output = out.detach()
             return out
         if out.shape[1] != idx.shape[1] or cache.output is None:
-            # Another patch changed the token count between ours (ToMe after this node): the
-            # call cannot be completed from the cache. Stop pruning; this call's shape is
-            # what the other patch made of it.
+            # Another patch changed the token count between ours for this call only (ToMe's
+            # changes are caught earlier: the cache's shapes stop fitting and that layer is not
+            # pruned). The call cannot be completed from the cache: stop pruning for the run.
             run.disable(f"another attention patch changed the token count ({out.shape[1]} tokens, "
                         f"{idx.shape[1]} computed)")
             return out
