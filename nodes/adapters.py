@@ -164,3 +164,18 @@ def cache_memory_warning(estimate: int | None, config, device=None) -> str | Non
     return (f"Speculative Cache: this run will keep about {estimate / 2**30:.1f} GiB of forecast history "
             f"({'block' if config.block_level else 'stack'} granularity, {config.draft} order {config.order}) "
             f"for this model and resolution. Use {how} to reduce it.")
+
+
+class ChainedBlockPatch:
+    """Base of a ``patches_replace["dit"]`` entry that chains to the patch that was there
+    before it (SkipLayerGuidance, other packs, another node of this pack) or, with none, to
+    the model's own block. Subclasses decide in ``__call__`` when to act."""
+
+    def __init__(self, key, previous=None):
+        self.key = tuple(key)
+        self.previous = previous
+
+    def _run(self, args, extra):
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)

@@ -39,7 +39,7 @@ from comfy_api.latest import io
 
 from ..cache_core.edit_region import RefreshSchedule, partial_cost, token_mask
 from . import guard
-from .adapters import find_transformer_options, warn_once
+from .adapters import ChainedBlockPatch, find_transformer_options, warn_once
 
 log = logging.getLogger("speculative_cache")
 
@@ -447,18 +447,8 @@ def _over_budget(run: EditRun, device) -> str:
             f"{budget / 2**20:.0f} MiB")
 
 
-class EditBlockPatch:
-    """A ``patches_replace["dit"]`` entry; chains to the patch that was there before and
-    does nothing unless an edit run is active."""
-
-    def __init__(self, key, previous=None):
-        self.key = tuple(key)
-        self.previous = previous
-
-    def _run(self, args, extra):
-        if self.previous is not None:
-            return self.previous(args, extra)
-        return extra["original_block"](args)
+class EditBlockPatch(ChainedBlockPatch):
+    """The edit region's block patch: does nothing unless an edit run is active."""
 
     def __call__(self, args, extra):
         to = args.get("transformer_options")

@@ -25,8 +25,8 @@ import comfy.patcher_extension as pe
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
 from . import blockwise, edit_region, guard, memory, model_weights
-from .adapters import (OutputAdapter, StackAdapter, find_transformer_options, forward_argument, select_adapter,
-                       warn_once)
+from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
+                       select_adapter, warn_once)
 
 log = logging.getLogger("speculative_cache")
 
@@ -498,18 +498,8 @@ class BlockCall:
         return {**passthrough, **{t: args[t] + pred[t] for t in stage.tensors}}
 
 
-class BlockPatch:
-    """A ``patches_replace["dit"]`` entry. Chains to the patch that was there before
-    (SkipLayerGuidance, other packs) and does nothing unless a run is active."""
-
-    def __init__(self, key, previous=None):
-        self.key = tuple(key)
-        self.previous = previous
-
-    def _run(self, args, extra):
-        if self.previous is not None:
-            return self.previous(args, extra)
-        return extra["original_block"](args)
+class BlockPatch(ChainedBlockPatch):
+    """The step cache's block patch: does nothing unless a run is active."""
 
     def __call__(self, args, extra):
         call = None
