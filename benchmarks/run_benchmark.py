@@ -103,6 +103,30 @@ def focus_grid(plan) -> list[Method]:
     return grid
 
 
+def tokens_grid(plan=None) -> list[Method]:
+    """SpecDiff's token tiers against what they must beat: SpeCa at block granularity
+    without tiers (the same verification, the same history), ClusCa (the other token-level
+    refresh) and TaylorSeer at fixed intervals, and the node's defaults."""
+    def options(**o):
+        return main_node(options=dict(preset="custom", **o))
+
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    tiers = [{}, {"token_compute": 0.1}, {"token_compute": 0.25}, {"token_compute": 0.1, "token_reuse": 0.3}]
+    for th in (0.1, 0.2, 0.3):
+        for t in tiers:
+            grid.append(Method("specdiff" if t else "speca", {"threshold": th, "granularity": "block", **t},
+                               options(threshold=th, granularity="block", **t)))
+    fixed = dict(order=1, warmup_steps=3, final_full_steps=0)
+    for n in (2, 3, 4):
+        grid.append(Method("clusca", {"interval": n, "order": 1, "clusters": 16, "gamma": 0.005},
+                           options(method="clusca", max_forecast_steps=n - 1, **fixed)))
+        grid.append(Method("taylorseer", {"interval": n, "order": 1},
+                           options(method="taylorseer", max_forecast_steps=n - 1, **fixed)))
+        grid.append(Method("specdiff", {"interval": n, "order": 1, "method": "taylorseer", "token_compute": 0.25},
+                           options(method="taylorseer", max_forecast_steps=n - 1, token_compute=0.25, **fixed)))
+    return grid
+
+
 def method_grid(quick: bool, plan) -> list[Method]:
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
@@ -448,8 +472,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
-    ap.add_argument("--grid", choices=["full", "focus"], default="full",
-                    help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers")
+    ap.add_argument("--grid", choices=["full", "focus", "tokens"], default="full",
+                    help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
+                         "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer")
     ap.add_argument("--timing-samples", type=int, default=3)
     ap.add_argument("--timing-repeats", type=int, default=3)
     args = ap.parse_args(argv)
@@ -468,7 +493,7 @@ def main(argv=None) -> int:
     print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}, "
           f"ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
     plan = block_plan(workload.model)
-    grid = focus_grid(plan) if args.grid == "focus" else None
+    grid = {"focus": focus_grid, "tokens": tokens_grid}[args.grid](plan) if args.grid != "full" else None
     result = benchmark(workload, args.quick, plan, timing_samples=args.timing_samples,
                        timing_repeats=args.timing_repeats, grid=grid)
     result["comfyui"] = comfy_env.comfyui_version(comfy_env.find_comfyui())

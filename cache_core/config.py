@@ -54,6 +54,12 @@ class CacheConfig:
     # fresh value at a forecast step.
     clusters: int = 16
     gamma: float = 0.005
+    # SpecDiff token tiers (token_tiers.py), block level, double blocks' image MLP: at a
+    # forecast step this fraction of the image tokens, the most important ones, is computed
+    # for real, and ``token_reuse`` of them, the least important, keep their last computed
+    # value; the rest take the forecast. 0 and 0 turn it off.
+    token_compute: float = 0.0
+    token_reuse: float = 0.0
     # Verification tolerance. 0 disables forecasting entirely (output identical
     # to the unpatched model). 0.1: tuned on the 19-block reference model (42 dB there, 47 dB
     # on the 6-block one; 0.15 gave 45 dB on the 6-block model but 35 dB on the deep one).
@@ -98,6 +104,10 @@ class CacheConfig:
             problems.append(f"clusters must be in 1..4096, got {self.clusters}")
         if not (0.0 <= self.gamma <= 1.0):
             problems.append(f"gamma must be in [0, 1], got {self.gamma}")
+        if not (0.0 <= self.token_compute <= 1.0 and 0.0 <= self.token_reuse <= 1.0
+                and self.token_compute + self.token_reuse <= 1.0):
+            problems.append(f"token_compute and token_reuse must be fractions in [0, 1] with a sum of at most 1, "
+                            f"got {self.token_compute} and {self.token_reuse}")
         if self.metric not in METRICS:
             problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.on_reject not in ON_REJECT:
@@ -134,8 +144,12 @@ class CacheConfig:
 
     @property
     def block_level(self) -> bool:
-        """ClusCa works inside the blocks, so it always uses block granularity."""
-        return self.granularity == "block" or self.method == "clusca"
+        """ClusCa and the token tiers work inside the blocks, so they always use block granularity."""
+        return self.granularity == "block" or self.method == "clusca" or self.token_tiers
+
+    @property
+    def token_tiers(self) -> bool:
+        return self.token_compute > 0.0 or self.token_reuse > 0.0
 
     @property
     def draft(self) -> str:

@@ -32,6 +32,10 @@ class RunStats:
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
     estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
     weight_changes: int = 0     # stream histories dropped because the model's weights changed mid-run
+    # SpecDiff token tiers: image tokens (per double block, row and forecast step) per tier
+    tokens_computed: int = 0
+    tokens_forecast: int = 0
+    tokens_reused: int = 0
 
     @property
     def timeline(self) -> str:
@@ -90,6 +94,8 @@ class RunStats:
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "weight_changes": self.weight_changes,
+            "token_tiers": {"computed": self.tokens_computed, "forecast": self.tokens_forecast,
+                            "reused": self.tokens_reused},
             "errors": [list(e) for e in self.errors],
         }
 

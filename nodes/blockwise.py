@@ -7,7 +7,9 @@ residual stream still flows block by block with the live adaLN gates of this ste
 
 At computed steps the original block runs unchanged; its pre-gate outputs are captured
 with forward hooks that exist only for that call. ClusCa (arXiv 2509.10312) refreshes
-the image MLP of the double blocks at forecast steps with one real token per cluster.
+the image MLP of the double blocks at forecast steps with one real token per cluster;
+SpecDiff's token tiers (arXiv 2509.13848, cache_core/token_tiers.py) compute its most
+important tokens for real and let its least important ones reuse their last value.
 
 Supported blocks: ComfyUI's FLUX / HunyuanVideo DoubleStreamBlock and SingleStreamBlock
 (comfy.ldm.flux.layers)."""
@@ -18,6 +20,7 @@ import contextlib
 
 import torch
 
+from ..cache_core import token_tiers
 from ..cache_core.clustering import kmeans, pick_representatives, propagate
 
 CAPTURE = {
@@ -106,6 +109,7 @@ class BlockwiseCall:
         self.fired: list = []
         self.failed = ""
         self.rejected = False
+        self.received = None      # token tiers: attention received, summed over double blocks
 
     def module(self, key):
         return getattr(self.ctx.diffusion_model, ATTR[key[0]])[key[1]]
@@ -116,22 +120,51 @@ class BlockwiseCall:
 
     # ---- full ----------------------------------------------------------------------
     def block(self, key, args, run_block):
+        """``run_block(args)`` runs the block (the next patch in the chain) on ``args``."""
         key = tuple(key)
         if key[0] not in CAPTURE:
             self.fired.append(key)
-            return run_block()
+            return run_block(args)
         if self.forecast:
             return self._forecast_block(key, args, run_block)
         self.fired.append(key)
         names = CAPTURE[key[0]]
+        measure = self.config.token_tiers and key[0] == "double_block"
         with capture(self.module(key), names) as got:
-            out = run_block()
+            out = run_block(self._measuring_attention(key, args) if measure else args)
         self.chunk.add_units(1.0)
         if len(got) == len(names):
             self.chunk.record({self.feature(key, n): got[n] for n in names})
         if self.config.method == "clusca" and key == self.cluster_key:
             self._cluster(out["img"])
+        if measure and key == self.cluster_key:
+            self._keep_received()
         return out
+
+    def _measuring_attention(self, key, args):
+        """``args`` with an attention override (chained to any already there) that adds the
+        attention each image token receives in this block to ``self.received``."""
+        options = dict(args.get("transformer_options") or {})
+        previous = options.get("optimized_attention_override")
+        n_img, n_txt = args["img"].shape[1], args["txt"].shape[1]
+        img_first = bool(getattr(self.module(key), "flipped_img_txt", False))
+        columns = slice(0, n_img) if img_first else slice(n_txt, n_txt + n_img)
+
+        def override(func, *a, **kw):
+            q, k = a[0], a[1]
+            if kw.get("skip_reshape") and k.ndim == 4 and k.shape[2] == n_img + n_txt and q.shape == k.shape:
+                got = token_tiers.attention_received(q.detach(), k.detach(), columns, generator=self.ctx.generator)
+                self.received = got if self.received is None or self.received.shape != got.shape \
+                    else self.received + got
+            return previous(func, *a, **kw) if previous is not None else func(*a, **kw)
+        options["optimized_attention_override"] = override
+        return dict(args, transformer_options=options)
+
+    def _keep_received(self):
+        if self.received is not None:
+            for stream, rows in zip(self.chunk.streams(), self.chunk.split(self.received)):
+                stream.aux["attention_received"] = rows
+        self.received = None
 
     def _cluster(self, img):
         """K-means of the image tokens after the last double block, per stream and row,
@@ -152,7 +185,7 @@ class BlockwiseCall:
         blk = self.module(key)
         if key == self.last_key and self.verify:
             with capture(blk, CAPTURE[key[0]]) as got:
-                out = run_block()
+                out = run_block(args)
             self.chunk.add_units(1.0)
             name = "total" if key[0] == "single_block" else "img_mlp"
             real = got.get(name)
@@ -176,6 +209,8 @@ class BlockwiseCall:
             refreshed = self._clusca_mlp(key, blk, img, im2)
             if refreshed is not None:
                 preds["img_mlp"] = refreshed
+        if self.config.token_tiers and dims_i is None:
+            preds["img_mlp"] = self._tiered_mlp(key, blk, img, im2, preds["img_mlp"])
         img = img + _gate(preds["img_mlp"], im2.gate, dims_i)
         txt = args["txt"] + _gate(preds["txt_attn"], tm1.gate, dims_t)
         txt = txt + _gate(preds["txt_mlp"], tm2.gate, dims_t)
@@ -204,6 +239,39 @@ class BlockwiseCall:
             self.chunk.add_units(k / max(rows.shape[1], 1) * 0.5)   # about half a block's work per token
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return out.to(img.dtype)
+
+
+    def _tiered_mlp(self, key, blk, img, mod2, forecast):
+        """SpecDiff's tiers for this block's image MLP output: score every token by the
+        attention it received at the last computed step plus the change the forecast
+        predicts for it; compute the top ``token_compute`` fraction for real (this step's
+        modulation, the forecast attention's residual stream), reuse the last computed value
+        for the bottom ``token_reuse`` fraction, forecast the rest."""
+        name = self.feature(key, "img_mlp")
+        anchor = self.chunk.anchor(name)
+        if anchor.shape != forecast.shape:
+            return forecast
+        history = [s.aux.get("attention_received") for s in self.chunk.streams()]
+        history = None if any(h is None for h in history) else torch.cat(history, 0)
+        change = (forecast.float() - anchor.float()).norm(dim=-1)
+        compute_idx, reuse_mask = token_tiers.split(token_tiers.importance(history, change),
+                                                    self.config.token_compute, self.config.token_reuse)
+        fresh = None
+        if compute_idx.shape[1] > 0:
+            fresh = image_mlp_on_tokens(blk, img, compute_idx, mod2)
+            self.chunk.add_units(compute_idx.shape[1] / max(img.shape[1], 1) * 0.5)
+        stats = self.chunk.run.stats
+        stats.tokens_computed += int(compute_idx.numel())
+        stats.tokens_reused += int(reuse_mask.sum())
+        stats.tokens_forecast += int(reuse_mask.numel() - reuse_mask.sum() - compute_idx.numel())
+        return token_tiers.combine(forecast, anchor, compute_idx, fresh, reuse_mask)
+
+
+def image_mlp_on_tokens(blk, img, idx, mod2):
+    """A double block's image MLP (pre-gate) on the tokens ``idx`` [B, K] of the residual
+    stream ``img`` [B, N, D], with this step's modulation ``mod2``: [B, K, D]."""
+    tokens = torch.gather(img, 1, idx[..., None].expand(-1, -1, img.shape[-1]))
+    return blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(tokens), 1 + mod2.scale))
 
 
 def refresh_mlp_anchor(blk, rows, labels, k, scale, shift, anchor, gamma, generator):

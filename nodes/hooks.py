@@ -508,7 +508,7 @@ class BlockPatch(ChainedBlockPatch):
             call = ctx.active
         if call is None:
             return self._run(args, extra)
-        return call.block(self.key, args, lambda: self._run(args, extra))
+        return call.block(self.key, args, lambda a=args: self._run(a, extra))
 
 
 # ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ fits, in this order, and one warning says which steps were taken:
 
 1. store the history in bfloat16 (half of a float32 model's bytes);
 2. stack granularity instead of block granularity (a few tensors per stream instead of two
-   per block);
+   per block; the SpecDiff token tiers, which need block granularity, turn off with it);
 3. fewer history points: a lower forecast order, down to 1 (linear);
 4. no forecasting for this run (the output is then the uncached one).
 
@@ -78,9 +78,10 @@ def fit_to_budget(config, estimate_for, budget: int | None):
             dataclasses.replace(config, storage_dtype="bfloat16")) < estimate:
         apply(storage_dtype="bfloat16")
         steps.append("history stored in bfloat16")
-    if estimate > budget and config.granularity == "block" and config.method != "clusca":
-        apply(granularity="stack")
-        steps.append("stack granularity")
+    if estimate > budget and config.block_level and config.method != "clusca":
+        tiers = config.token_tiers
+        apply(granularity="stack", token_compute=0.0, token_reuse=0.0)
+        steps.append("stack granularity" + (" without token tiers" if tiers else ""))
     while estimate > budget and config.order > 1 and config.method != "reuse":
         apply(order=config.order - 1)
         steps.append(f"order {config.order}")

@@ -638,3 +638,50 @@ def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_
     pruned = torch.tensor([[0, 2, 4], [1, 2, 3]])
     assert torch.allclose(tp.gather_tokens(out, pruned), tp.gather_tokens(cached, pruned) + drift)
     assert drift[0, 0].tolist() == [2.0, 3.0, 4.0]
+
+
+# ---- SpecDiff token tiers -------------------------------------------------------------
+def _tiers(core):
+    from importlib import import_module
+    return import_module(core.__name__ + ".token_tiers")
+
+
+def test_attention_received_is_the_softmax_column_mean_over_heads_and_queries(core):
+    tt = _tiers(core)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    probs = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1)            # head dim 4: scale 1/2
+    got = tt.attention_received(q, k, slice(2, 7), queries=64)        # every query row used
+    assert torch.allclose(got, probs.mean((1, 2))[:, 2:], atol=1e-6)
+    full = tt.attention_received(q, k, slice(0, 7), queries=64)
+    assert torch.allclose(full.sum(-1), torch.ones(2), atol=1e-6)    # each query spreads 1 over the keys
+    sampled = tt.attention_received(q, k, slice(0, 7), queries=3, generator=g)
+    assert sampled.shape == (2, 7) and torch.allclose(sampled.sum(-1), torch.ones(2), atol=1e-6)
+
+
+def test_token_tiers_split_by_history_plus_look_ahead_and_combine(core):
+    tt = _tiers(core)
+    change = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    history = torch.tensor([[8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    score = tt.importance(history, change)
+    assert torch.allclose(score, change / 1.0 + history / 1.75)
+    assert torch.equal(tt.importance(None, change), change)           # no history yet: look ahead alone
+    assert torch.equal(tt.importance(history[:, :4], change), change)  # stale shape: ignored
+    compute_idx, reuse = tt.split(score, compute=0.25, reuse=0.25)
+    assert compute_idx.shape == (1, 2) and compute_idx[0, 0] == 0     # the most attended token first
+    assert reuse.sum() == 2 and bool(reuse[0, 7]) and not bool(reuse[0, 0])
+    forecast, anchor = torch.full((1, 8, 3), 2.0), torch.full((1, 8, 3), 1.0)
+    fresh = torch.full((1, 2, 3), 5.0)
+    out = tt.combine(forecast, anchor, compute_idx, fresh, reuse)
+    tiers = out[0, :, 0].tolist()
+    assert tiers.count(5.0) == 2 and tiers.count(1.0) == 2 and tiers.count(2.0) == 4
+    assert tiers[0] == 5.0 and tiers[7] == 1.0
+    none_idx, none_reuse = tt.split(score, compute=0.0, reuse=0.0)
+    assert torch.equal(tt.combine(forecast, anchor, none_idx, None, none_reuse), forecast)
+
+
+def test_token_tier_fractions_are_validated(core):
+    for bad in (dict(token_compute=-0.1), dict(token_reuse=1.5), dict(token_compute=0.6, token_reuse=0.6)):
+        with pytest.raises(ValueError, match="token_compute"):
+            core.CacheConfig(**bad)
+    assert core.CacheConfig(token_compute=0.1).block_level and not core.CacheConfig().block_level
