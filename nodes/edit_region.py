@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import comfy.model_patcher
 import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
@@ -311,8 +310,7 @@ def _noise_mask(args, kwargs):
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    original = guider.model_options
-    settings = original.get("transformer_options", {}).get(HOLDER_KEY)
+    settings = guider.model_options.get("transformer_options", {}).get(HOLDER_KEY)
     mask = _noise_mask(args, kwargs)
     if not isinstance(settings, EditRegionSettings):
         return executor(*args, **kwargs)
@@ -327,20 +325,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     run = EditRun(settings, mask, args[3], diffusion_model)
     try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-        guider.model_options["transformer_options"][RUN_KEY] = run
-        return executor(*args, **kwargs)
+        with guard.run_state(guider, RUN_KEY, run):
+            return executor(*args, **kwargs)
     finally:
-        guider.model_options = original
         run.active = None
         run.context.clear()
         run.residuals.clear()
         log.info(run.stats.summary())
-        for listener in list(STATS_LISTENERS):
-            try:
-                listener(settings.node_id, run.stats.to_dict())
-            except Exception:
-                log.exception("Speculative Cache Edit Region: stats listener failed")
+        guard.tell_listeners(STATS_LISTENERS, "Speculative Cache Edit Region", settings.node_id, run.stats.to_dict())
 
 
 def verification_rows(args) -> torch.Tensor | None:

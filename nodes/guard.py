@@ -5,6 +5,7 @@ ComfyUI's interrupt always passes through untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 log = logging.getLogger("speculative_cache")
@@ -42,3 +43,27 @@ def cached_call(ctx, executor, args, kwargs, call):
             raise
         fail(ctx, "model call", e)
         return executor(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def run_state(guider, key: str, state):
+    """For one sampling run, the guider's model options carry ``state`` under
+    ``transformer_options[key]`` (in a clone of the options, so the ModelPatcher's own stay
+    untouched); the original options come back afterwards, also on error or interrupt."""
+    import comfy.model_patcher
+    original = guider.model_options
+    try:
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        guider.model_options["transformer_options"][key] = state
+        yield
+    finally:
+        guider.model_options = original
+
+
+def tell_listeners(listeners, who: str, *args) -> None:
+    """Call every stats listener with ``args``; a broken listener never breaks sampling."""
+    for listener in list(listeners):
+        try:
+            listener(*args)
+        except Exception:
+            log.exception("%s: stats listener failed", who)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_patcher
 import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
@@ -62,11 +61,7 @@ def _notify(node_id, stats, final):
     """Stats to the listeners and, when a server runs, to the UI (with the verification
     errors so far, for the node's chart)."""
     payload = dict(stats.to_dict(), node=node_id, final=bool(final))
-    for listener in list(STATS_LISTENERS):
-        try:
-            listener(node_id, payload, final)
-        except Exception:  # a broken listener must never break sampling
-            log.exception("Speculative Cache: stats listener failed")
+    guard.tell_listeners(STATS_LISTENERS, "Speculative Cache", node_id, payload, final)
     server = _prompt_server()
     if server is not None and node_id is not None:
         try:
@@ -153,8 +148,7 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    original_options = guider.model_options
-    settings = original_options.get("transformer_options", {}).get(HOLDER_KEY)
+    settings = guider.model_options.get("transformer_options", {}).get(HOLDER_KEY)
     if not isinstance(settings, CacheSettings):
         return executor(*args, **kwargs)
     try:
@@ -164,11 +158,9 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         log.exception("Speculative Cache: could not set up this run; sampling without the cache")
         return executor(*args, **kwargs)
     try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        guider.model_options["transformer_options"][RUN_KEY] = ctx
-        return executor(*args, **kwargs)
+        with guard.run_state(guider, RUN_KEY, ctx):
+            return executor(*args, **kwargs)
     finally:
-        guider.model_options = original_options
         ctx.active = None
         ctx.run.close()
         stats = ctx.stamp()

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_patcher
 import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
 from ..cache_core.token_pruning import (TokenCache, gather_tokens, kept_count, scatter_tokens, select_dynamic,
                                         served_output)
+from . import guard
 from .adapters import warn_once
 
 log = logging.getLogger("speculative_cache")
@@ -150,25 +150,19 @@ def _output_patch(which):
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    original = guider.model_options
-    settings = original.get("transformer_options", {}).get(HOLDER_KEY)
+    settings = guider.model_options.get("transformer_options", {}).get(HOLDER_KEY)
     if not isinstance(settings, PruningSettings):
         return executor(*args, **kwargs)
     run = PruningRun(settings, args[3])
     try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-        guider.model_options["transformer_options"][RUN_KEY] = run
-        return executor(*args, **kwargs)
+        with guard.run_state(guider, RUN_KEY, run):
+            return executor(*args, **kwargs)
     finally:
-        guider.model_options = original
         run.stats.cache_bytes = sum(c.nbytes() for c in run.caches.values())
         run.caches.clear()
         log.info(run.stats.summary())
-        for listener in list(STATS_LISTENERS):
-            try:
-                listener(settings.node_id, run.stats.to_dict())
-            except Exception:
-                log.exception("Speculative Cache Token Pruning: stats listener failed")
+        guard.tell_listeners(STATS_LISTENERS, "Speculative Cache Token Pruning", settings.node_id,
+                             run.stats.to_dict())
 
 
 def supports(diffusion_model) -> bool:
