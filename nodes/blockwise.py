@@ -240,7 +240,6 @@ class BlockwiseCall:
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return out.to(img.dtype)
 
-
     def _tiered_mlp(self, key, blk, img, mod2, forecast):
         """SpecDiff's tiers for this block's image MLP output: score every token by the
         attention it received at the last computed step plus the change the forecast
