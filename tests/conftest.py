@@ -98,3 +98,21 @@ def live_tensor_count() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance() on deprecated torch.distributed aliases
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def random_double_block_mlp(hidden: int = 32, tokens: int = 12, seed: int = 0):
+    """ComfyUI's FLUX DoubleStreamBlock with random weights, a residual stream [2, tokens,
+    hidden], a modulation, and the block's own image MLP output on every token of that
+    stream: (block, stream, mod2, mlp_output). Built without autograd."""
+    import comfy.ops
+    import torch
+    from comfy.ldm.flux.layers import DoubleStreamBlock
+    blk = DoubleStreamBlock(hidden, 2, 4.0, qkv_bias=True, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        rows = torch.randn(2, tokens, hidden, generator=g)
+        _, mod2 = blk.img_mod(torch.randn(2, hidden, generator=g))
+        full = blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(rows), 1 + mod2.scale))
+    return blk, rows, mod2, full

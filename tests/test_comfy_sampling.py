@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
-from conftest import cached, live_tensor_count
+from conftest import cached, live_tensor_count, random_double_block_mlp
 
 pytestmark = pytest.mark.comfy
 
@@ -295,18 +295,10 @@ def test_speca_drafts_are_lossless_at_threshold_zero(spec_nodes, models, forecas
 
 
 def test_clusca_token_subset_equals_the_full_block_mlp_when_every_token_is_a_representative(spec_nodes):
-    import comfy.ops
-    from comfy.ldm.flux.layers import DoubleStreamBlock
     blockwise = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.blockwise")
     h, n = 32, 12
-    blk = DoubleStreamBlock(h, 2, 4.0, qkv_bias=True, operations=comfy.ops.disable_weight_init)
-    g = torch.Generator().manual_seed(0)
+    blk, rows, mod2, full = random_double_block_mlp(h, n)
     with torch.no_grad():
-        for p in blk.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        rows = torch.randn(2, n, h, generator=g)
-        _, mod2 = blk.img_mod(torch.randn(2, h, generator=g))
-        full = blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(rows), 1 + mod2.scale))
         labels = torch.arange(n).repeat(2, 1)                # every token its own cluster
         anchor = torch.zeros(2, n, h)
         for gamma in (0.0, 0.3):

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import random_double_block_mlp
 
 pytestmark = pytest.mark.comfy
 
@@ -97,18 +98,9 @@ def test_token_tiers_use_the_attention_history_and_chain_an_existing_override(sp
 def test_computed_tier_is_the_block_mlp_of_those_tokens(spec_nodes):
     """The compute tier's tokens get exactly what the block's own image MLP gives them on
     this residual stream and modulation (ComfyUI's DoubleStreamBlock, random weights)."""
-    import comfy.ops
-    from comfy.ldm.flux.layers import DoubleStreamBlock
     blockwise = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.blockwise")
-    h, n = 32, 12
-    blk = DoubleStreamBlock(h, 2, 4.0, qkv_bias=True, operations=comfy.ops.disable_weight_init)
-    g = torch.Generator().manual_seed(0)
+    blk, img, mod2, full = random_double_block_mlp(32, 12)
     with torch.no_grad():
-        for p in blk.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        img = torch.randn(2, n, h, generator=g)
-        _, mod2 = blk.img_mod(torch.randn(2, h, generator=g))
-        full = blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(img), 1 + mod2.scale))
         idx = torch.tensor([[3, 0, 7], [11, 5, 6]])
         got = blockwise.image_mlp_on_tokens(blk, img, idx, mod2)
         assert torch.allclose(got, torch.stack([full[0, idx[0]], full[1, idx[1]]]), atol=1e-6)
