@@ -63,6 +63,15 @@ def main_node(options: dict | None = None, **inputs):
     return lambda m: nodes.SpeculativeCacheSimple.execute(m, options=opts, **inputs).result[0]
 
 
+def engine(**fields):
+    """The cache installed with exactly these CacheConfig fields (the others at their
+    defaults), for engine settings no node input reaches (SpecDiff's token tiers)."""
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    core = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
+    config = core.CacheConfig(**fields)
+    return lambda m: hooks.install(m, hooks.CacheSettings(config=config))[0]
+
+
 def easy(cls, th):
     """ComfyUI's EasyCache / LazyCache node at reuse threshold ``th``."""
     return lambda m: cls.execute(m, reuse_threshold=th, start_percent=0.15, end_percent=0.95,
@@ -106,24 +115,22 @@ def focus_grid(plan) -> list[Method]:
 def tokens_grid(plan=None) -> list[Method]:
     """SpecDiff's token tiers against what they must beat: SpeCa at block granularity
     without tiers (the same verification, the same history), ClusCa (the other token-level
-    refresh) and TaylorSeer at fixed intervals, and the node's defaults."""
-    def options(**o):
-        return main_node(options=dict(preset="custom", **o))
-
+    refresh) and TaylorSeer at fixed intervals, and the node's defaults. The tiers have no
+    node input, so every row but the defaults sets the engine's config directly."""
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
     tiers = [{}, {"token_compute": 0.1}, {"token_compute": 0.25}, {"token_compute": 0.1, "token_reuse": 0.3}]
     for th in (0.1, 0.2, 0.3):
         for t in tiers:
             grid.append(Method("specdiff" if t else "speca", {"threshold": th, "granularity": "block", **t},
-                               options(threshold=th, granularity="block", **t)))
+                               engine(threshold=th, granularity="block", **t)))
     fixed = dict(order=1, warmup_steps=3, final_full_steps=0)
     for n in (2, 3, 4):
         grid.append(Method("clusca", {"interval": n, "order": 1, "clusters": 16, "gamma": 0.005},
-                           options(method="clusca", max_forecast_steps=n - 1, **fixed)))
+                           engine(method="clusca", max_forecast_steps=n - 1, **fixed)))
         grid.append(Method("taylorseer", {"interval": n, "order": 1},
-                           options(method="taylorseer", max_forecast_steps=n - 1, **fixed)))
+                           engine(method="taylorseer", max_forecast_steps=n - 1, **fixed)))
         grid.append(Method("specdiff", {"interval": n, "order": 1, "method": "taylorseer", "token_compute": 0.25},
-                           options(method="taylorseer", max_forecast_steps=n - 1, token_compute=0.25, **fixed)))
+                           engine(method="taylorseer", max_forecast_steps=n - 1, token_compute=0.25, **fixed)))
     return grid
 
 

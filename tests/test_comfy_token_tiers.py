@@ -11,16 +11,10 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from benchmarks.run_benchmark import engine
 from conftest import random_double_block_mlp
 
 pytestmark = pytest.mark.comfy
-
-
-def with_options(spec_nodes, model, **fields):
-    """``model`` with the cache installed for exactly these CacheConfig fields."""
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
-    core = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
-    return hooks.install(model, hooks.CacheSettings(config=core.CacheConfig(**fields)))[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +28,7 @@ def test_rejected_forecasts_with_token_tiers_are_bit_identical(spec_nodes, model
     computed steps must not change what the blocks compute, so the output is the uncached one."""
     m = models[name]
     ref = tm.sample(m, name, steps=12)
-    out = tm.sample(with_options(spec_nodes, m, threshold=1e-9, warmup_steps=2, token_compute=0.25,
-                                 token_reuse=0.25), name, steps=12)
+    out = tm.sample(engine(threshold=1e-9, warmup_steps=2, token_compute=0.25, token_reuse=0.25)(m), name, steps=12)
     assert torch.equal(out, ref)
     s = stats_log[-1]
     assert s["mode"] == "block" and s["verified"] == s["rejected"] > 0
@@ -51,8 +44,8 @@ def test_token_tier_counts_match_the_fractions(spec_nodes, models, stats_log, na
     handles = [blk.img_mlp.register_forward_hook(lambda mod, i, o: mlp_rows.append(i[0].numel() // i[0].shape[-1]))
                for blk in dm.double_blocks]
     try:
-        out = tm.sample(with_options(spec_nodes, m, method="taylorseer", max_forecast_steps=2, token_compute=0.25,
-                                     token_reuse=0.5, final_full_steps=0), name, steps=12)
+        out = tm.sample(engine(method="taylorseer", max_forecast_steps=2, token_compute=0.25, token_reuse=0.5,
+                               final_full_steps=0)(m), name, steps=12)
     finally:
         for handle in handles:
             handle.remove()
@@ -86,7 +79,7 @@ def test_token_tiers_use_the_attention_history_and_chain_an_existing_override(sp
     m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = counting
     tm.sample(m, "flux", steps=10)
     uncached_calls = len(calls)
-    out = tm.sample(with_options(spec_nodes, m, method="taylorseer", max_forecast_steps=1, token_compute=0.2),
+    out = tm.sample(engine(method="taylorseer", max_forecast_steps=1, token_compute=0.2)(m),
                     "flux", steps=10)
     assert torch.isfinite(out).all()
     assert histories and all(h is not None and torch.isfinite(h).all() for h in histories)
@@ -113,3 +106,14 @@ def test_memory_budget_turns_the_token_tiers_off_with_block_granularity(spec_nod
     fitted, steps = memory.fit_to_budget(config, lambda c: 100 if c.block_level else 10, budget=50)
     assert not fitted.block_level and not fitted.token_tiers and fitted.enabled
     assert steps == ["stack granularity without token tiers"]
+
+
+def test_the_benchmark_tokens_grid_installs_every_row(spec_nodes, models):
+    """`run_benchmark --grid tokens` builds each row's cache; the SpecDiff rows carry their tiers."""
+    from benchmarks.run_benchmark import tokens_grid
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    for method in tokens_grid()[1:]:
+        config = method.apply(models["flux"]).model_options["transformer_options"][hooks.HOLDER_KEY].config
+        assert config.token_compute == method.settings.get("token_compute", 0.0)
+        assert config.token_reuse == method.settings.get("token_reuse", 0.0)
+        assert config.token_tiers == (method.method == "specdiff")
