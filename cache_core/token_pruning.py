@@ -3,8 +3,9 @@ attention layers of U-Net models (SD1.5, SDXL).
 
 At a pruned step an attention layer computes only the tokens whose input moved most since
 they were last computed; every other token's attention output is served from the cache
-(its output the last time it was computed, moved by the computed tokens' mean change). The keys and values still come from every
-token, so a computed token attends to the whole picture. A token's reference input is
+(its output the last time it was computed, moved by the computed tokens' mean change).
+The keys and values still come from every token, so a computed token attends to the
+whole picture. A token's reference input is
 updated whenever it is computed, so a token left out accumulates movement until it is
 picked again (no token goes stale for ever).
 

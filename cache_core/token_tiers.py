@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .token_pruning import scatter_tokens
+
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, columns: slice, queries: int = 64,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -68,6 +70,5 @@ def combine(forecast: torch.Tensor, anchor: torch.Tensor, compute_idx: torch.Ten
     ``reuse_mask``, the freshly computed value ``fresh`` [R, Kc, D] at ``compute_idx``."""
     out = torch.where(reuse_mask[..., None], anchor.to(forecast.dtype), forecast)
     if fresh is not None and compute_idx.shape[1] > 0:
-        d = out.shape[-1]
-        out = out.scatter(1, compute_idx[..., None].expand(-1, -1, d), fresh.to(out.dtype))
+        out = scatter_tokens(out, compute_idx, fresh)
     return out

@@ -22,6 +22,7 @@ import torch
 
 from ..cache_core import token_tiers
 from ..cache_core.clustering import kmeans, pick_representatives, propagate
+from ..cache_core.token_pruning import gather_tokens
 
 CAPTURE = {
     "double_block": {"img_attn": "img_attn.proj", "img_mlp": "img_mlp", "txt_attn": "txt_attn.proj",
@@ -260,16 +261,17 @@ class BlockwiseCall:
             fresh = image_mlp_on_tokens(blk, img, compute_idx, mod2)
             self.chunk.add_units(compute_idx.shape[1] / max(img.shape[1], 1) * 0.5)
         stats = self.chunk.run.stats
-        stats.tokens_computed += int(compute_idx.numel())
-        stats.tokens_reused += int(reuse_mask.sum())
-        stats.tokens_forecast += int(reuse_mask.numel() - reuse_mask.sum() - compute_idx.numel())
+        computed, reused = int(compute_idx.numel()), int(reuse_mask.sum())
+        stats.tokens_computed += computed
+        stats.tokens_reused += reused
+        stats.tokens_forecast += reuse_mask.numel() - reused - computed
         return token_tiers.combine(forecast, anchor, compute_idx, fresh, reuse_mask)
 
 
 def image_mlp_on_tokens(blk, img, idx, mod2):
     """A double block's image MLP (pre-gate) on the tokens ``idx`` [B, K] of the residual
     stream ``img`` [B, N, D], with this step's modulation ``mod2``: [B, K, D]."""
-    tokens = torch.gather(img, 1, idx[..., None].expand(-1, -1, img.shape[-1]))
+    tokens = gather_tokens(img, idx)
     return blk.img_mlp(torch.addcmul(mod2.shift, blk.img_norm2(tokens), 1 + mod2.scale))
 
 

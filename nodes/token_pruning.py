@@ -3,10 +3,11 @@
 
 Between refresh steps each attention layer of the U-Net's transformer blocks computes
 only the tokens whose input moved most since they were last computed; the others'
-outputs come from the token cache, moved by the computed tokens' mean change. It hooks in like ComfyUI's own ToMe node, through the
-chainable attention patches (``attn1_patch`` / ``attn1_output_patch``, and the ``attn2``
-pair for cross-attention when asked), plus an OUTER_SAMPLE wrapper that owns the run's
-cache (a per-run clone of ``model_options``; dropped at the end of the run).
+outputs come from the token cache, moved by the computed tokens' mean change. It hooks in
+like ComfyUI's own ToMe node, through the chainable attention patches (``attn1_patch`` /
+``attn1_output_patch``, and the ``attn2`` pair for cross-attention when asked), plus an
+OUTER_SAMPLE wrapper that owns the run's cache (a per-run clone of ``model_options``;
+dropped at the end of the run).
 
 ``ratio`` 0, or a refresh every step, leaves the model exactly as it was."""
 

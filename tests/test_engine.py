@@ -615,13 +615,13 @@ def test_speed_target_is_off_at_zero_threshold_and_for_unverified_methods(core):
     assert core.SpeculativeRun(core.CacheConfig(method="taylorseer", target_speedup=3.0), 10).target is None
 
 
-def _pruning(core):
+def _engine_module(core, name):
     from importlib import import_module
-    return import_module(core.__name__ + ".token_pruning")
+    return import_module(f"{core.__name__}.{name}")
 
 
 def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_drift(core):
-    tp = _pruning(core)
+    tp = _engine_module(core, "token_pruning")
     reference = torch.zeros(2, 5, 3)
     x = reference.clone()
     x[0, [1, 3]] += 1.0                     # row 0: tokens 1 and 3 moved
@@ -641,13 +641,8 @@ def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_
 
 
 # ---- SpecDiff token tiers -------------------------------------------------------------
-def _tiers(core):
-    from importlib import import_module
-    return import_module(core.__name__ + ".token_tiers")
-
-
 def test_attention_received_is_the_softmax_column_mean_over_heads_and_queries(core):
-    tt = _tiers(core)
+    tt = _engine_module(core, "token_tiers")
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
     probs = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1)            # head dim 4: scale 1/2
@@ -660,7 +655,7 @@ def test_attention_received_is_the_softmax_column_mean_over_heads_and_queries(co
 
 
 def test_token_tiers_split_by_history_plus_look_ahead_and_combine(core):
-    tt = _tiers(core)
+    tt = _engine_module(core, "token_tiers")
     change = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     history = torch.tensor([[8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
     score = tt.importance(history, change)
