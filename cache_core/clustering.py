@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .tokens import gather_tokens, scatter_tokens
+
 
 def kmeans(x: torch.Tensor, k: int, init: torch.Tensor | None = None, iters: int = 10,
            generator: torch.Generator | None = None, p: float = 1.0):
@@ -69,10 +71,7 @@ def propagate(anchor: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, fre
     values, and every token moves towards its cluster's fresh value by ``gamma``:
     C <- gamma * R + (1 - gamma) * C, R = the fresh value of the token's cluster.
     anchor [R, N, D], labels [R, N], idx [R, K], fresh [R, K, D]."""
-    out = anchor.clone()
-    r, n, d = anchor.shape
+    out = anchor
     if gamma > 0:
-        cluster_value = torch.gather(fresh, 1, labels[..., None].expand(r, n, d))
-        out = gamma * cluster_value.to(out.dtype) + (1 - gamma) * out
-    out.scatter_(1, idx[..., None].expand(r, idx.shape[1], d), fresh.to(out.dtype))
-    return out
+        out = gamma * gather_tokens(fresh, labels).to(out.dtype) + (1 - gamma) * out
+    return scatter_tokens(out, idx, fresh)

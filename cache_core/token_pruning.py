@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .tokens import gather_tokens, scatter_tokens
+
 
 class TokenCache:
     """One attention layer's cache for one batch layout: each token's input when it was
@@ -49,10 +51,6 @@ def select_dynamic(x: torch.Tensor, reference: torch.Tensor, keep: int) -> torch
     return idx.sort(dim=1).values
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def served_output(cached: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """A pruned layer's full output [B, N, C]: the computed tokens' ``fresh`` outputs at
     ``idx``, and every other token's cached output moved by how much the computed tokens'
@@ -63,7 +61,3 @@ def served_output(cached: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) 
     drift = (fresh.to(cached.dtype) - was).mean(dim=1, keepdim=True)
     return scatter_tokens(cached + drift, idx, fresh)
 
-
-def scatter_tokens(full: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """A copy of ``full`` [B, N, C] with ``part`` [B, K, C] written at ``idx`` [B, K]."""
-    return full.scatter(1, idx[..., None].expand(-1, -1, full.shape[-1]), part.to(full.dtype))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .token_pruning import scatter_tokens
+from .tokens import scatter_tokens
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, columns: slice, queries: int = 64,

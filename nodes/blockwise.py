@@ -22,7 +22,7 @@ import torch
 
 from ..cache_core import token_tiers
 from ..cache_core.clustering import kmeans, pick_representatives, propagate
-from ..cache_core.token_pruning import gather_tokens
+from ..cache_core.tokens import gather_tokens
 
 CAPTURE = {
     "double_block": {"img_attn": "img_attn.proj", "img_mlp": "img_mlp", "txt_attn": "txt_attn.proj",
@@ -281,6 +281,6 @@ def refresh_mlp_anchor(blk, rows, labels, k, scale, shift, anchor, gamma, genera
     (clustering.propagate). rows [R, N, D] is the residual stream after the forecast
     attention; returns the refreshed anchor [R, N, D]."""
     idx = pick_representatives(labels, k, generator)
-    tokens = torch.gather(rows, 1, idx[..., None].expand(-1, -1, rows.shape[-1]))
+    tokens = gather_tokens(rows, idx)
     fresh = blk.img_mlp(torch.addcmul(shift, blk.img_norm2(tokens), scale))
     return propagate(anchor, labels, idx, fresh, gamma)

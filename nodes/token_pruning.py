@@ -21,8 +21,8 @@ import torch
 import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
-from ..cache_core.token_pruning import (TokenCache, gather_tokens, kept_count, scatter_tokens, select_dynamic,
-                                        served_output)
+from ..cache_core.token_pruning import TokenCache, kept_count, select_dynamic, served_output
+from ..cache_core.tokens import gather_tokens, scatter_tokens
 from . import guard
 from .adapters import warn_once
 

@@ -622,6 +622,7 @@ def _engine_module(core, name):
 
 def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_drift(core):
     tp = _engine_module(core, "token_pruning")
+    gather_tokens = _engine_module(core, "tokens").gather_tokens
     reference = torch.zeros(2, 5, 3)
     x = reference.clone()
     x[0, [1, 3]] += 1.0                     # row 0: tokens 1 and 3 moved
@@ -630,13 +631,13 @@ def test_token_pruning_picks_the_most_moved_tokens_and_serves_the_rest_with_the_
     assert idx.tolist() == [[1, 3], [0, 4]]
     assert tp.kept_count(10, 0.5) == 5 and tp.kept_count(3, 0.95) == 1
     cached = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    fresh = tp.gather_tokens(cached, idx) + torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 4.0]]])
+    fresh = gather_tokens(cached, idx) + torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 4.0]]])
     fresh[0, 0] += 2.0                      # token 1 of row 0 moved more than token 3
     out = tp.served_output(cached, idx, fresh)
-    assert torch.equal(tp.gather_tokens(out, idx), fresh)          # computed tokens: fresh
-    drift = (fresh - tp.gather_tokens(cached, idx)).mean(1, keepdim=True)
+    assert torch.equal(gather_tokens(out, idx), fresh)          # computed tokens: fresh
+    drift = (fresh - gather_tokens(cached, idx)).mean(1, keepdim=True)
     pruned = torch.tensor([[0, 2, 4], [1, 2, 3]])
-    assert torch.allclose(tp.gather_tokens(out, pruned), tp.gather_tokens(cached, pruned) + drift)
+    assert torch.allclose(gather_tokens(out, pruned), gather_tokens(cached, pruned) + drift)
     assert drift[0, 0].tolist() == [2.0, 3.0, 4.0]
 
 
