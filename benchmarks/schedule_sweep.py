@@ -9,8 +9,8 @@ Each argument is ``label=expression``; the expression builds a method from ``mai
 (the main node, with an optional Options dict), ``ours`` (the legacy node's full settings),
 as in run_benchmark, or ``engine`` (the main node's mode and speed with CacheConfig fields
 replaced, e.g. ``engine(serve_output=True, step_weighting=True)``). Samples use the benchmark's labels and seeds (1000 + i). PSNR is that of
-all samples together (pooled squared error), so one bad picture weighs fully; run_benchmark's
-tables average the per-picture PSNR instead. No timing: this is for choosing settings, the
+all samples together (pooled squared error), so one bad picture weighs fully; the per-picture
+mean is what run_benchmark's tables report. No timing: this is for choosing settings, the
 benchmark measures them."""
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def main(argv=None) -> int:
         images = rm.sample(method(model), labels, seeds, steps=args.steps)
         runs = seen[first:]
         compute = sum(s["compute_fraction"] for s in runs) / max(len(runs), 1)
-        print(f"{label:24s} compute {compute:.3f}  PSNR {rm.psnr(images, reference):6.2f} dB  "
+        mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
+        print(f"{label:24s} compute {compute:.3f}  PSNR {rm.psnr(images, reference):6.2f} dB "
+              f"(per-picture mean {mean:6.2f})  "
               f"{runs[0]['timeline'] if runs else ''}", flush=True)
     return 0
 

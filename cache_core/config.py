@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .output_space import SPACES
+
 METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
 FORECASTERS = ("taylor", "hicache", "foca")
@@ -44,6 +46,11 @@ class CacheConfig:
     # Block level: serve the forecast of the model output itself on accepted forecast steps
     # (the stage forecasts still feed the verification probe).
     serve_output: bool = False
+    # The space a forecast of the model output lives in (output level, and the served
+    # output): "model" forecasts what the model returns; "noise" forecasts, for flow models,
+    # the noise it implies and turns it back with the step's real input (output_space.py;
+    # models that are not flow models keep "model").
+    output_space: str = "model"
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0
@@ -98,6 +105,8 @@ class CacheConfig:
             problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
         if not (0.0 < self.hicache_scale <= 2.0):
             problems.append(f"hicache_scale must be in (0, 2], got {self.hicache_scale}")
+        if self.output_space not in SPACES:
+            problems.append(f"output_space must be one of {SPACES}, got {self.output_space!r}")
         if self.granularity not in GRANULARITIES:
             problems.append(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (1 <= self.clusters <= 4096):

@@ -24,6 +24,7 @@ import comfy.patcher_extension as pe
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
 from . import blockwise, edit_region, guard, memory, model_weights
+from .output_space import MODEL_SPACE, OutputSpace, Serving
 from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
                        select_adapter, warn_once)
 
@@ -91,6 +92,7 @@ class RunContext:
         self.started = time.perf_counter()
         self.block_patches = None       # the block patches on the model when the run started
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
+        self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)
@@ -141,6 +143,8 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     run.stats.estimated_cache_bytes = estimate or 0
     ctx = RunContext(settings, run, adapter, sigmas)
     ctx.base_model = guider.model_patcher.model
+    ctx.serving = Serving(config, model_sampling)
+    ctx.serving.report(run.stats)
     if ctx.stack_ok:
         ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)
     return ctx
@@ -173,6 +177,8 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     ctx = _run_context((extra_args or {}).get("model_options", {}).get("transformer_options"))
     if ctx is None:
         return executor(*args, **kwargs)
+    ctx.serving.adapt_to(executor.class_obj)
+    ctx.serving.report(ctx.run.stats)
     original_callback = args[3] if len(args) > 3 else kwargs.get("callback")
 
     def counting_callback(step, denoised, x, total_steps):
@@ -260,8 +266,8 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
                 warn_once(f"Speculative Cache: block granularity is not available for "
                           f"{type(module).__name__}; using stack granularity.")
     if _stack_usable(ctx, to):
-        return _stack_forward(ctx, executor, args, kwargs, to)
-    return _output_forward(ctx, executor, args, kwargs, to, "out")
+        return _stack_forward(ctx, executor, args, kwargs, to, ctx.serving.space)
+    return _output_forward(ctx, executor, args, kwargs, to, "out", ctx.serving.space)
 
 
 def _stack_usable(ctx, to) -> bool:
@@ -295,9 +301,10 @@ def apply_model_wrapper(executor, *args, **kwargs):
                       "using stack granularity.")
 
         def call():
+            # (This level returns the denoised sample: its output is forecast as it is.)
             if _stack_usable(ctx, to):
-                return _stack_forward(ctx, executor, args, kwargs, to)
-            return _output_forward(ctx, executor, args, kwargs, to, "apply_out")
+                return _stack_forward(ctx, executor, args, kwargs, to, MODEL_SPACE)
+            return _output_forward(ctx, executor, args, kwargs, to, "apply_out", MODEL_SPACE)
         return guard.cached_call(ctx, executor, args, kwargs, call)
     ctx.apply_model_calls += 1
     if ctx.apply_model_calls == 1:
@@ -313,7 +320,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
                 guard.fail(ctx, "model output", e)
         return out
     return guard.cached_call(ctx, executor, args, kwargs,
-                             lambda: _output_forward(ctx, executor, args, kwargs, to, "apply_out"))
+                             lambda: _output_forward(ctx, executor, args, kwargs, to, "apply_out", MODEL_SPACE))
 
 
 def _stream_keys(to, batch):
@@ -333,20 +340,20 @@ def _record_output(ctx, to, out, name):
 # ---------------------------------------------------------------------------------
 # output level
 # ---------------------------------------------------------------------------------
-def _output_forward(ctx, executor, args, kwargs, to, name):
-    x = args[0]
+def _output_forward(ctx, executor, args, kwargs, to, name, space: OutputSpace):
+    x, sigma = args[0], ctx.run.sigma
     chunk = ctx.run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], 1.0, ctx.weights_key())
     decision = ctx.run.decision
     if decision.forecast and chunk.can_forecast((name,)):
-        pred = chunk.predict(name)
-        finite = bool(torch.isfinite(pred).all())
+        pred = space.decode(chunk.predict(name), x, sigma)
+        finite = pred is not None and bool(torch.isfinite(pred).all())
         if finite and pred.shape[0] == x.shape[0]:
             chunk.finish(FORECAST)
             return pred
-        ctx.run.stats.nonfinite += int(not finite)
+        ctx.run.stats.nonfinite += int(pred is not None and not finite)
     out = executor(*args, **kwargs)
     chunk.add_units(1.0)
-    chunk.record({name: out})
+    chunk.record({name: space.encode(out, x, sigma)})
     chunk.finish(COMPUTED)
     return out
 
@@ -354,7 +361,7 @@ def _output_forward(ctx, executor, args, kwargs, to, name):
 # ---------------------------------------------------------------------------------
 # stack level
 # ---------------------------------------------------------------------------------
-def _stack_forward(ctx, executor, args, kwargs, to):
+def _stack_forward(ctx, executor, args, kwargs, to, space: OutputSpace):
     run, plan = ctx.run, ctx.adapter.plan
     x = args[0]
     chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)), ctx.weights_key())
@@ -373,9 +380,9 @@ def _stack_forward(ctx, executor, args, kwargs, to):
         elif not bool(torch.isfinite(out).all()):
             run.stats.nonfinite += 1
         else:
-            if run.config.serve_output and chunk.can_forecast(("served",)):
-                served = chunk.predict("served")
-                if served.shape == out.shape and bool(torch.isfinite(served).all()):
+            if ctx.serving.serve_output and chunk.can_forecast(("served",)):
+                served = space.decode(chunk.predict("served"), x, run.sigma)
+                if served is not None and served.shape == out.shape and bool(torch.isfinite(served).all()):
                     out = served.to(out.dtype)
             chunk.finish(REJECTED if call.rejected else FORECAST)
             return out
@@ -396,9 +403,9 @@ def _stack_forward(ctx, executor, args, kwargs, to):
         warn_once(f"Speculative Cache: {ctx.adapter.family} ran blocks {call.fired[:4]}... that do not "
                   "match its expected layout; forecasting the model output instead.")
         ctx.stack_ok = False
-        chunk.record({"out": out})
-    elif run.config.serve_output:
-        chunk.record({"served": out})
+        chunk.record({"out": space.encode(out, x, run.sigma)})
+    elif ctx.serving.serve_output:
+        chunk.record({"served": space.encode(out, x, run.sigma)})
     chunk.finish(REJECTED if chunk.rejected else COMPUTED)
     return out
 

@@ -197,7 +197,7 @@ def test_time_window(core):
 def test_config_rejects_bad_values(core):
     for bad in (dict(threshold=-1), dict(order=7), dict(max_forecast_steps=0), dict(method="x"),
                 dict(start_percent=0.8, end_percent=0.2), dict(threshold_decay=0.0),
-                dict(storage_dtype="int8"), dict(warmup_steps=-1)):
+                dict(storage_dtype="int8"), dict(warmup_steps=-1), dict(output_space="x0")):
         with pytest.raises(ValueError, match="Speculative Cache"):
             core.CacheConfig(**bad)
 
@@ -681,3 +681,30 @@ def test_token_tier_fractions_are_validated(core):
         with pytest.raises(ValueError, match="token_compute"):
             core.CacheConfig(**bad)
     assert core.CacheConfig(token_compute=0.1).block_level and not core.CacheConfig().block_level
+
+
+def test_noise_space_forecasts_a_flow_velocity_exactly_when_the_noise_it_implies_holds(core):
+    """Rectified flow: x = (1 - s) x0 + s eps, v = eps - x0. With eps fixed and x0 moving
+    quadratically in sigma, v is quadratic (an order-1 forecast of it misses) while the noise
+    v implies is constant: forecast in noise space and turned back with the step's real x,
+    the velocity comes out exact. Both directions are exact inverses at any sigma below 1."""
+    space = _engine_module(core, "output_space")
+    g = torch.Generator().manual_seed(0)
+    eps, a, b = (torch.randn(2, 4, 6, 6, generator=g) for _ in range(3))
+    x0 = lambda s: a + b * s * s  # noqa: E731
+    x = lambda s: (1 - s) * x0(s) + s * eps  # noqa: E731
+    v = lambda s: eps - x0(s)  # noqa: E731
+    in_model, in_noise = core.TaylorForecaster(1), core.TaylorForecaster(1)
+    for s in (0.9, 0.7):
+        in_model.update(s, v(s))
+        in_noise.update(s, space.noise_from_velocity(v(s), x(s), s))
+    target = 0.5
+    from_noise = space.velocity_from_noise(in_noise.predict(target), x(target), target)
+    assert torch.allclose(from_noise, v(target), atol=1e-5)
+    assert (in_model.predict(target) - v(target)).abs().max() > 0.05
+    out = torch.randn(3, 5, generator=g)
+    xs = torch.randn(3, 5, generator=g)
+    assert torch.allclose(space.velocity_from_noise(space.noise_from_velocity(out, xs, 0.3), xs, 0.3), out,
+                          atol=1e-6)
+    # near sigma = 1 the way back divides by almost nothing: those steps are not forecast
+    assert space.can_forecast_noise(0.5) and not space.can_forecast_noise(0.995)

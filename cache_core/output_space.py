@@ -1,0 +1,37 @@
+"""The space a forecast of a flow model's output lives in.
+
+A rectified-flow model (FLUX, SD3, Wan, HunyuanVideo, Qwen-Image: ComfyUI's ``CONST``
+sampling) sees x = (1 - sigma) x0 + sigma eps and predicts the velocity v = eps - x0.
+Along a run, v changes as fast as x0 and eps do, and a polynomial forecast of v has to
+carry all of it. The noise the output implies,
+
+    eps = x + (1 - sigma) v,
+
+changes far less (the sampler's own x carries the rest), so "noise" forecasts eps and turns
+the forecast back with this step's real x: v_hat = (eps_hat - x) / (1 - sigma). At a computed
+step both directions are exact, so a run without forecasts is unchanged. Measured on the
+reference models (benchmarks.schedule_sweep, 8 samples, output level, 3 forecasts after each
+full step): 36.7 -> 37.3 dB on the 19-block model, 31.4 -> 37.1 dB on the 6-block model
+(order 2)."""
+
+from __future__ import annotations
+
+import torch
+
+SPACES = ("model", "noise")
+
+# Below this 1 - sigma the way back divides by almost nothing: such steps (the very start of
+# a schedule, which is warm-up anyway) are computed, not forecast.
+MIN_SIGNAL = 0.01
+
+
+def noise_from_velocity(v: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x.to(v.dtype) + (1.0 - sigma) * v
+
+
+def velocity_from_noise(eps: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return (eps - x.to(eps.dtype)) / (1.0 - sigma)
+
+
+def can_forecast_noise(sigma: float) -> bool:
+    return 1.0 - sigma >= MIN_SIGNAL
