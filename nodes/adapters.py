@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 from ..cache_core import StackPlan
 from .families import block_plan, family_of
@@ -145,7 +146,10 @@ def estimate_cache_bytes(adapter, diffusion_model, config, latent_shape, txt_tok
         points = 1
     if config.storage_dtype:
         element_size = {"float32": 4, "bfloat16": 2, "float16": 2}[config.storage_dtype]
-    return int(tensors * hidden * points * streams * batch * element_size)
+    elements = tensors * hidden
+    if config.serve_output:
+        elements += math.prod(latent_shape[1:])       # the served output forecast: one latent
+    return int(elements * points * streams * batch * element_size)
 
 
 def cache_memory_warning(estimate: int | None, config, device=None) -> str | None:

@@ -226,13 +226,15 @@ def test_sampler_custom_advanced_with_custom_sigmas_and_partial_denoise(spec_nod
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(granularity="block"), dict(order=1, storage_dtype="bfloat16"),
-                                      dict(cfg=1.0), dict(batch=2, scale=2)],
-                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2"])
+                                      dict(cfg=1.0), dict(batch=2, scale=2), dict(mode="speed_target")],
+                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2", "target-serves-output"])
 def test_the_cache_estimate_is_within_20_percent_of_what_the_run_held(spec_nodes, flux, stats_log, settings):
     settings = dict(settings)
     sample_args = {k: settings.pop(k) for k in ("cfg", "batch", "scale") if k in settings}
+    mode = settings.pop("mode", "auto")
     opts = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, **settings).result[0]
-    tm.sample(simple(spec_nodes, flux, options=opts), "flux", steps=10, **sample_args)
+    tm.sample(simple(spec_nodes, flux, mode=mode, options=opts), "flux", steps=10, **sample_args)
+    assert stats_log[-1]["serve_output"] == (mode == "speed_target")
     s = stats_log[-1]
     assert s["cache_bytes"] > 0 and s["forecast"] > 0
     assert s["cache_estimate_bytes"] == pytest.approx(s["cache_bytes"], rel=0.2)
