@@ -1,10 +1,13 @@
 """Fidelity per sampler: the node as dropped into a graph (every input at its default) on
 the reference model, for ComfyUI's samplers, ancestral and SDE ones included.
 
-    .venv/bin/python -m benchmarks.sampler_table [--samples 4] [--model reference]
+    .venv/bin/python -m benchmarks.sampler_table [--samples 4] [--model reference] \
+        [--mode speed_target --speed 0.5]
 
 For each sampler: the same seeds uncached and cached, PSNR of the cached images to the
-uncached ones (all samples together; "inf": identical), compute fraction, steps computed. Writes benchmarks/results/samplers_<model>.{json,md}.
+uncached ones (all samples together; "inf": identical), compute fraction, steps computed,
+and what accepted forecast steps served (the output forecast, or the block stages' forecasts).
+Writes benchmarks/results/samplers_<model>[_<mode>].{json,md}.
 Stochastic samplers draw the same noise in both runs (same seed), so the difference is the
 cache's alone."""
 
@@ -29,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--model", default="reference")
+    ap.add_argument("--mode", default="auto", help="the main node's mode (default: auto)")
+    ap.add_argument("--speed", type=float, default=0.5, help="the main node's speed (default 0.5)")
     args = ap.parse_args(argv)
     if comfy_env.find_comfyui() is None:
         print("ComfyUI not found. Looked in: " + comfy_env.where_looked())
@@ -43,7 +48,7 @@ def main(argv=None) -> int:
     stats = []
     hooks.STATS_LISTENERS.append(lambda nid, s, final: final and stats.append(s))
     model = rm.load_reference(args.model)
-    cached = nodes.SpeculativeCacheSimple.execute(model).result[0]
+    cached = nodes.SpeculativeCacheSimple.execute(model, mode=args.mode, speed=args.speed).result[0]
     labels = [i % len(rm.CLASSES) for i in range(args.samples)]
     seeds = [500 + i for i in range(args.samples)]
     available = set(comfy.samplers.KSampler.SAMPLERS)
@@ -59,21 +64,25 @@ def main(argv=None) -> int:
                "psnr_db": round(psnr(out, ref), 2),
                "compute_fraction": round(sum(s["compute_fraction"] for s in runs) / len(runs), 3),
                "computed": sum(s["computed"] for s in runs), "steps": sum(s["steps"] for s in runs),
-               "evaluations_per_step": round(sum(s["evaluations"] for s in runs) / sum(s["steps"] for s in runs), 2)}
+               "evaluations_per_step": round(sum(s["evaluations"] for s in runs) / sum(s["steps"] for s in runs), 2),
+               "served": "output" if all(s["serve_output"] for s in runs) else "stages"}
         rows.append(row)
         print(f"  [{i + 1}] {sampler}: {row['psnr_db']} dB at compute {row['compute_fraction']} "
               f"({time.time() - started:.0f} s)", flush=True)
     result = {"model": args.model, "samples": args.samples, "steps": args.steps, "cfg": 2.0,
+              "mode": args.mode, "speed": args.speed,
               "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()), "rows": rows}
-    name = f"samplers_{args.model}"
+    at_defaults = args.mode == "auto" and args.speed == 0.5
+    name = f"samplers_{args.model}" + ("" if at_defaults else f"_{args.mode}_{args.speed:g}")
+    node = "the node at its defaults" if at_defaults else f"the node at mode {args.mode}, speed {args.speed:g}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"Model `{args.model}`, {args.samples} samples, {args.steps} steps, cfg 2, the node at its defaults, "
+    lines = [f"Model `{args.model}`, {args.samples} samples, {args.steps} steps, cfg 2, {node}, "
              f"ComfyUI {result['comfyui']}.", "",
-             "| sampler | PSNR dB to uncached | compute fraction | steps computed | evaluations per step |",
-             "|---|---|---|---|---|"]
+             "| sampler | PSNR dB to uncached | compute fraction | steps computed | evaluations per step | served |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['psnr_db']:.2f} | {r['compute_fraction']:.3f} | "
-                     f"{r['computed']}/{r['steps']} | {r['evaluations_per_step']} |")
+                     f"{r['computed']}/{r['steps']} | {r['evaluations_per_step']} | {r['served']} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / name}.json/.md")
     return 0

@@ -14,13 +14,13 @@ def relative_l1(pred: torch.Tensor, real: torch.Tensor, eps: float = 1e-10) -> f
     Dominated by near-zero elements and often >> 1; this is the metric the paper's
     thresholds (FLUX base 7.0) refer to. Invariant to a per-channel gate, so the
     un-gated and the gated block output give the same value."""
-    p, r = pred.float(), real.float()
+    p, r = pred.detach().float(), real.detach().float()
     return float(((p - r).abs() / (r.abs() + eps)).mean())
 
 
 def relative_norm(pred: torch.Tensor, real: torch.Tensor, eps: float = 1e-12) -> float:
     """Scale-free norm ratio ||pred - real||_2 / ||real||_2 (0.05 = 5 % error)."""
-    p, r = pred.float(), real.float()
+    p, r = pred.detach().float(), real.detach().float()
     return float(torch.linalg.vector_norm(p - r) / (torch.linalg.vector_norm(r) + eps))
 
 
@@ -32,7 +32,7 @@ def relative_change(pred: torch.Tensor, real: torch.Tensor, anchor: torch.Tensor
     reuse). A feature that barely moved (under ``floor`` of its norm) counts as having
     moved ``floor``, so a near-still feature does not turn every tiny error into a
     rejection."""
-    p, r, a = pred.float(), real.float(), anchor.float()
+    p, r, a = pred.detach().float(), real.detach().float(), anchor.detach().float()
     moved = torch.linalg.vector_norm(r - a)
     floor_norm = floor * torch.linalg.vector_norm(r)
     return float(torch.linalg.vector_norm(p - r) / (torch.maximum(moved, floor_norm) + 1e-12))

@@ -107,14 +107,19 @@ def test_samplers_that_add_noise_are_told_apart(spec_nodes):
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "euler_ancestral"])
-def test_a_sampler_that_adds_noise_serves_the_stage_forecasts(spec_nodes, stats_log, sampler):
+def test_a_sampler_that_adds_noise_serves_the_stage_forecasts(spec_nodes, stats_log, caplog, sampler):
     """The speed target serves the output forecast, which cannot follow fresh noise in x: with
     such a sampler the run serves the stages' forecasts (and says so), and stays as close to
-    the uncached picture as with the output forecast turned off by hand."""
+    the uncached picture as with the output forecast turned off by hand. The console warns
+    that a target costs fidelity with such a sampler."""
+    importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")._warned.clear()
     m = tm.build("flux", seed=3)
     ref = tm.sample(m, "flux", steps=8, sampler=sampler)
     target = simple(spec_nodes, m, mode="speed_target", speed=1.0)
     errors = []
+    with caplog.at_level("WARNING", logger="speculative_cache"):
+        tm.sample(target, "flux", steps=8, sampler=sampler)
+    assert "adds fresh noise at every step" in caplog.text and "Mode auto keeps the picture" in caplog.text
     for patched in (target, with_engine(target, output_space="noise"), with_engine(target, serve_output=False)):
         out = tm.sample(patched, "flux", steps=8, sampler=sampler)
         s = stats_log[-1]
