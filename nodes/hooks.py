@@ -143,7 +143,7 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     run.stats.estimated_cache_bytes = estimate or 0
     ctx = RunContext(settings, run, adapter, sigmas)
     ctx.base_model = guider.model_patcher.model
-    ctx.serving = Serving(config, model_sampling)
+    ctx.serving = Serving(run, model_sampling)
     ctx.serving.report(run.stats)
     if ctx.stack_ok:
         ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)

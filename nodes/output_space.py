@@ -87,11 +87,12 @@ class Serving:
     speed target 3x, dpmpp_2m_sde: 18.3 dB with stage forecasts, 11.1 dB serving the output
     forecast, 5.9 dB serving it in noise space). Such a sampler turns both off."""
 
-    def __init__(self, config, model_sampling):
+    def __init__(self, run, model_sampling):
+        config = run.config
         self.serve_output = bool(config.serve_output)
         self.space = OutputSpace(config.output_space == "noise" and is_flow_model(model_sampling))
         self.sampler_seen = False
-        self.speed_target = config.target_speedup >= 1.0 and config.enabled
+        self.speed_target = run.target is not None
 
     def adapt_to(self, sampler) -> None:
         """Called when the sampler starts (before any model call); only the first sampler of a
