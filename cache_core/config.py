@@ -13,6 +13,7 @@ FORECASTERS = ("taylor", "hicache", "foca")
 TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1", "relative_change")
 ON_REJECT = ("redo", "next")
+ACCEPTANCE = ("probe", "lookback")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class CacheConfig:
     # the noise it implies and turns it back with the step's real input (output_space.py;
     # models that are not flow models keep "model").
     output_space: str = "model"
+    # How SpeCa accepts a forecast. "probe" (the paper): each forecast step runs the real last
+    # block on the forecast input and compares. "lookback": the model output is forecast as a
+    # whole and nothing runs on a forecast step; every computed step measures how far the
+    # forecast of its own output was (relative norm), and the next forecasts are taken while
+    # the error predicted from that measurement stays under the threshold (policy.py).
+    acceptance: str = "probe"
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0
@@ -105,6 +112,10 @@ class CacheConfig:
             problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
         if not (0.0 < self.hicache_scale <= 2.0):
             problems.append(f"hicache_scale must be in (0, 2], got {self.hicache_scale}")
+        if self.acceptance not in ACCEPTANCE:
+            problems.append(f"acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
+        elif self.acceptance == "lookback" and self.method != "speca":
+            problems.append(f"acceptance 'lookback' verifies forecasts, so it needs method 'speca', got {self.method!r}")
         if self.output_space not in SPACES:
             problems.append(f"output_space must be one of {SPACES}, got {self.output_space!r}")
         if self.granularity not in GRANULARITIES:
@@ -150,6 +161,11 @@ class CacheConfig:
     @property
     def verifies(self) -> bool:
         return self.method == "speca"
+
+    @property
+    def looks_back(self) -> bool:
+        """Forecasts of the whole model output, accepted from the errors measured at computed steps."""
+        return self.acceptance == "lookback" and self.enabled
 
     @property
     def block_level(self) -> bool:

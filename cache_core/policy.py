@@ -4,6 +4,7 @@ fully or its features are forecast (and whether that forecast is verified)."""
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .config import CacheConfig
@@ -59,6 +60,10 @@ class Policy:
         self.probe_waste = None                   # units one rejected probe cost (measured)
         self.first_rejections = 0                 # first forecasts after a full step rejected in a row
         self.cooldown = 0                         # full steps to take before the next attempt
+        # Lookback acceptance: (distance, error) of the output forecast measured at the last
+        # computed step, and the longest distance measured in this run.
+        self.lookback = None
+        self.lookback_reach = 0
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -82,6 +87,8 @@ class Policy:
             return full("no_history")
         if self.force_full_next:
             return full("after_reject")
+        if c.acceptance == "lookback":
+            return self._decide_lookback(step_index)
         if not c.verifies:
             if self.forecasts_since_full >= self.max_forecasts:
                 return full("interval")
@@ -104,6 +111,34 @@ class Policy:
             if predicted is not None and predicted < c.skip_verify_below * tau:
                 return Decision(StepMode.FORECAST, False, "predicted_accept")
         return Decision(StepMode.FORECAST, verify, "speculate")
+
+    def _decide_lookback(self, step_index: int) -> Decision:
+        """Lookback acceptance: nothing runs on a forecast step, so a forecast is checked after
+        the fact. The computed step that ends a run of forecasts measured the error of the
+        output forecast at its distance d0 from the computed step before it; a forecast at
+        distance d is taken while e0 * (d / d0)**(order + 1) (the Taylor remainder's growth)
+        stays under the step's threshold, and never beyond twice the longest distance measured
+        (the growth law is not trusted further than that)."""
+        full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
+        if self.lookback is None:
+            return full("no_measurement")
+        if self.forecasts_since_full >= self.max_forecasts:
+            return full("max_forecast")
+        d = self.forecasts_since_full + 1
+        if d > 2 * self.lookback_reach:
+            return full("reach")
+        d0, e0 = self.lookback
+        predicted = e0 * (d / d0) ** (self.config.order + 1)
+        if not predicted <= self.threshold_for(step_index):
+            return full("predicted_reject")
+        return Decision(StepMode.FORECAST, False, "lookback")
+
+    def record_lookback(self, error: float) -> None:
+        """The output forecast's error measured at a computed step, at distance
+        forecasts_since_full + 1 from the computed step before it (call before record_full)."""
+        d = self.forecasts_since_full + 1
+        self.lookback = (d, float(error) if math.isfinite(error) else float("inf"))
+        self.lookback_reach = max(self.lookback_reach, d)
 
     def probe_allowed(self) -> bool:
         """Whether one more probe fits the overhead budget: the units spent beyond an

@@ -6,6 +6,8 @@ model is called with, and calls ``close`` when the run ends (also on error)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import CacheConfig
@@ -14,7 +16,7 @@ from .policy import Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
 from .target import SpeedTarget
-from .verifier import Verifier
+from .verifier import Verifier, relative_norm
 
 
 def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
@@ -44,7 +46,8 @@ class SpeculativeRun:
         self.policy = Policy(config, total_steps, start_time, end_time, self.threshold)
         self.streams: dict = {}
         self.stats = RunStats(method=config.method, mode=mode, steps=int(total_steps),
-                              on_reject=config.on_reject, target_speedup=float(config.target_speedup))
+                              on_reject=config.on_reject, target_speedup=float(config.target_speedup),
+                              acceptance=config.acceptance)
         self.target = None
         if config.target_speedup >= 1.0 and config.verifies and config.enabled:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
@@ -54,6 +57,7 @@ class SpeculativeRun:
         self.time = float("nan")
         self.decision: Decision | None = None
         self._eval_outcome = None
+        self._eval_lookback = None     # the worst lookback error measured in this evaluation
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
 
@@ -104,6 +108,7 @@ class SpeculativeRun:
     def end_evaluation(self) -> None:
         """Book the current evaluation (also done by the next ``begin_evaluation``)."""
         outcome, self._eval_outcome = self._eval_outcome, None
+        lookback, self._eval_lookback = self._eval_lookback, None
         if outcome is None:
             return
         if self._allowed is not None:
@@ -130,6 +135,8 @@ class SpeculativeRun:
             # Computed, or rejected and recomputed ("redo").
             self.stats.computed += 1
             distance = self.policy.forecasts_since_full + 1
+            if lookback is not None:
+                self.policy.record_lookback(lookback)
             self.policy.record_full()
             if outcome == REJECTED:
                 units0, full0 = self._eval_start_units
@@ -240,6 +247,20 @@ class Chunk:
             run.stats.rejected += 1
             self.rejected = True
         return ok
+
+    def look_back(self, pred: torch.Tensor, real: torch.Tensor) -> float:
+        """Lookback acceptance, at a computed step: the error of the output forecast ``pred``
+        against the real output ``real`` (relative norm, the worst stream). The policy takes
+        the next forecasts while the error predicted from this one stays under the threshold."""
+        run = self.run
+        err = max(relative_norm(p, r) for p, r in zip(self.split(pred), self.split(real)))
+        if not math.isfinite(err):
+            err = float("inf")
+        run._eval_lookback = err if run._eval_lookback is None else max(run._eval_lookback, err)
+        run.stats.looked_back += 1
+        tau = run.threshold()
+        run.stats.errors.append((run.stats.evaluations - 1, run.time, err, tau, Verifier.accepts_below(err, tau)))
+        return err
 
     def add_units(self, units: float) -> None:
         self.units += units

@@ -17,6 +17,8 @@ class RunStats:
     computed: int = 0           # evaluations on which the model ran fully
     forecast: int = 0           # evaluations served by an accepted forecast
     verified: int = 0           # forecasts checked against a real block
+    looked_back: int = 0        # lookback acceptance: computed steps that measured the output forecast's error
+    acceptance: str = "probe"   # how forecasts were accepted: "probe" or "lookback"
     rejected: int = 0           # forecasts that failed verification
     nonfinite: int = 0          # forecasts that were not finite (fell back to full)
     streams: int = 0            # distinct streams (cond/uncond entries) seen
@@ -83,6 +85,7 @@ class RunStats:
             "method": self.method, "mode": self.mode, "steps": self.steps,
             "computed": steps["computed"], "forecast": steps["forecast"],
             "verified": self.verified, "rejected": self.rejected,
+            "acceptance": self.acceptance, "looked_back": self.looked_back,
             "evaluations": self.evaluations, "eval_computed": self.computed, "eval_forecast": self.forecast,
             "nonfinite": self.nonfinite, "streams": self.streams,
             "compute_fraction": round(self.compute_fraction, 4),

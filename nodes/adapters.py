@@ -147,7 +147,9 @@ def estimate_cache_bytes(adapter, diffusion_model, config, latent_shape, txt_tok
     if config.storage_dtype:
         element_size = {"float32": 4, "bfloat16": 2, "float16": 2}[config.storage_dtype]
     elements = tensors * hidden
-    if config.serve_output:
+    if config.looks_back:
+        elements = math.prod(latent_shape[1:])        # only the model output is forecast
+    elif config.serve_output:
         elements += math.prod(latent_shape[1:])       # the served output forecast: one latent
     return int(elements * points * streams * batch * element_size)
 

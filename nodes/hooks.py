@@ -24,7 +24,7 @@ import comfy.patcher_extension as pe
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
 from . import blockwise, edit_region, guard, memory, model_weights
-from .output_space import MODEL_SPACE, OutputSpace, Serving
+from .output_space import MODEL_SPACE, OutputSpace, Serving, look_back
 from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
                        select_adapter, warn_once)
 
@@ -271,10 +271,13 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
 
 
 def _stack_usable(ctx, to) -> bool:
-    """Block level, unless a family's between-block model patches are attached: they may
-    read the hidden state, which a forecast step does not compute block by block. Output
-    level for that call then. (ControlNet and VACE residuals do not read it: see
+    """Block level, unless the run looks back (it forecasts the whole output), or a family's
+    between-block model patches are attached: they may read the hidden state, which a
+    forecast step does not compute block by block. Output level for that call then. (ControlNet and VACE residuals do not read it: see
     ``BlockCall.own_residuals``.)"""
+    if ctx.run.config.looks_back:
+        ctx.run.stats.mode = "output"
+        return False
     if not ctx.stack_ok:
         return False
     contract = ctx.adapter.contract
@@ -353,6 +356,8 @@ def _output_forward(ctx, executor, args, kwargs, to, name, space: OutputSpace):
         ctx.run.stats.nonfinite += int(pred is not None and not finite)
     out = executor(*args, **kwargs)
     chunk.add_units(1.0)
+    if ctx.run.config.looks_back:
+        look_back(chunk, name, space, out, x, sigma)
     chunk.record({name: space.encode(out, x, sigma)})
     chunk.finish(COMPUTED)
     return out

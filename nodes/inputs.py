@@ -7,6 +7,7 @@ else), and the legacy 19-input node that graphs saved before the split still use
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import fields
 
@@ -19,6 +20,7 @@ from ..cache_core.target import mapped_target
 from .adapters import OutputAdapter
 
 _D = CacheConfig()
+log = logging.getLogger("speculative_cache")
 OPTIONS_TYPE = "SPECULATIVE_CACHE_OPTIONS"
 SpeculativeCacheOptionsType = io.Custom(OPTIONS_TYPE)
 
@@ -153,9 +155,12 @@ OPTIONS_DEFAULTS = {i.id: i.default for i in options_inputs()}
 CONFIG_DEFAULTS = {f.name: getattr(_D, f.name) for f in fields(CacheConfig)}
 
 # ---- the main node's speed slider -----------------------------------------------------
-MODES = ("auto", "speed_target", *PAPER.keys())
+MODES = ("auto", "lookback", "speed_target", *PAPER.keys())
 # Where speed 0.5 lands: the metric's default threshold (the papers' base thresholds).
 BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
+# Lookback mode: speed 0.5 accepts a predicted 4 % error of the model output (tuned on both
+# reference models, 8 samples: README, "Lookback").
+LOOKBACK_THRESHOLD = 0.04
 SPEED_TARGET_ORDER = 1
 PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
 # speed 0 -> off; speed -> 0+: base / 5; 0.5: base; 1: base x 10 (0.02 .. 0.1 .. 1.0 for
@@ -201,6 +206,8 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     if mode in PAPER:
         preset = mode
         base = PAPER_BASE_THRESHOLD[mode]
+    elif mode == "lookback":
+        base = LOOKBACK_THRESHOLD
     else:
         base = BASE_THRESHOLD[values["metric"]]
     if speed <= 0.0:
@@ -216,7 +223,10 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
         if values["order"] == OPTIONS_DEFAULTS["order"]:
             values["order"] = SPEED_TARGET_ORDER
     config = _finish(preset, family, values)
-    if mode == "speed_target":
+    if mode == "lookback":
+        config = _lookback_schedule(config, opts)
+        what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
+    elif mode == "speed_target":
         config = _speed_target_schedule(config, opts)
         what = f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
     elif family == OutputAdapter.family and mode == "auto":
@@ -228,6 +238,24 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     else:
         what = f"threshold {config.threshold:.4g} ({config.metric})"
     return config, what
+
+
+def _lookback_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
+    """Lookback mode: the whole model output is forecast, as the noise it implies for flow
+    models, with a linear polynomial, and each step's tolerance weighted by its size in sigma
+    (what the Options node leaves at its defaults). On the reference models (8 samples) order
+    1 and the weighting were the best of what was tried (README, "Lookback")."""
+    changes = {"acceptance": "lookback", "output_space": "noise",
+               "max_forecast_steps": opts["max_forecast_steps"]}      # not a family preset's cap
+    if opts["order"] == OPTIONS_DEFAULTS["order"]:
+        changes["order"] = 1
+    if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
+        changes["step_weighting"] = True
+    if config.method != "speca":
+        log.warning("Speculative Cache: lookback mode forecasts with its own check; method %r from the "
+                    "Options node is ignored (use mode auto for the other methods).", config.method)
+        changes["method"] = "speca"
+    return dataclasses.replace(config, **changes)
 
 
 def _speed_target_schedule(config: CacheConfig, opts: dict) -> CacheConfig:

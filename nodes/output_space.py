@@ -80,6 +80,17 @@ class OutputSpace:
 MODEL_SPACE = OutputSpace(False)
 
 
+def look_back(chunk, name: str, space: OutputSpace, out: torch.Tensor, x: torch.Tensor, sigma: float) -> None:
+    """Lookback acceptance, at a computed step: how far the forecast of this step's output
+    (from the computed steps before it) is from the real ``out``; the policy sizes the next
+    run of forecasts from it. Nothing to measure until the history can forecast."""
+    if not chunk.can_forecast((name,)):
+        return
+    pred = space.decode(chunk.predict(name), x, sigma)
+    if pred is not None and pred.shape == out.shape:
+        chunk.look_back(pred, out)
+
+
 class Serving:
     """One run's choice. A sampler that adds fresh noise at each step moves x in a way no
     forecast of the model output follows: the stage forecasts, whose output the model's
@@ -93,6 +104,7 @@ class Serving:
         self.space = OutputSpace(config.output_space == "noise" and is_flow_model(model_sampling))
         self.sampler_seen = False
         self.speed_target = run.target is not None
+        self.looks_back = config.looks_back
 
     def adapt_to(self, sampler) -> None:
         """Called when the sampler starts (before any model call); only the first sampler of a
@@ -108,6 +120,10 @@ class Serving:
                       "reference model: 15-28 dB PSNR to the uncached picture, 34-45 dB with deterministic "
                       "samplers). Mode auto keeps the picture (and gives no speed-up with such a sampler), or "
                       "use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
+        if self.looks_back:
+            warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast "
+                      "follows: lookback measures that and computes nearly every step (no speed-up, the "
+                      "picture unchanged). Use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
         if self.serve_output or self.space.noise:
             log.info("Speculative Cache: the sampler adds noise at each step; serving the block stages' "
                      "forecasts instead of the forecast of the model output.")

@@ -36,7 +36,10 @@ class SpeculativeCacheSimple(io.ComfyNode):
                 io.Combo.Input(
                     "mode", options=list(MODES), default="auto",
                     tooltip="auto: every forecast is verified; 'speed' sets how far a forecast may be "
-                            "off (the family's tuned settings). speed_target: 'speed' sets the speed-up "
+                            "off (the family's tuned settings). lookback: the whole model output is "
+                            "forecast and nothing runs on a forecast step; each computed step measures how "
+                            "far its forecast was, and forecasts continue while the predicted error stays "
+                            "under the tolerance (speed 0.5: 4 %; deterministic samplers). speed_target: 'speed' sets the speed-up "
                             "to reach (1x at 0 to 5x at 1; 0.5 = 3x) and the cache steers its tolerance "
                             "during the run to meet it. paper_flux / paper_hunyuan_video: the SpeCa "
                             "paper's settings (speed 0.5 = the paper's threshold)."),
@@ -44,7 +47,8 @@ class SpeculativeCacheSimple(io.ComfyNode):
                     "speed", default=0.5, min=0.0, max=1.0, step=0.01, display_mode=io.NumberDisplay.slider,
                     tooltip="0 = off: the picture is identical to running without the node. Higher = "
                             "faster and further from the uncached picture. auto: 0.5 is the tuned "
-                            "default (verification tolerance 10 %), 0.25 about 4.5 %, 0.75 about 32 %. "
+                            "default (verification tolerance 10 %), 0.25 about 4.5 %, 0.75 about 32 %; lookback: "
+                            "4 % at 0.5. "
                             "speed_target: the target speed-up is 1 + 4 x speed."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                display_mode=io.NumberDisplay.slider,

@@ -226,8 +226,9 @@ def test_sampler_custom_advanced_with_custom_sigmas_and_partial_denoise(spec_nod
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(granularity="block"), dict(order=1, storage_dtype="bfloat16"),
-                                      dict(cfg=1.0), dict(batch=2, scale=2), dict(mode="speed_target")],
-                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2", "target-serves-output"])
+                                      dict(cfg=1.0), dict(batch=2, scale=2), dict(mode="speed_target"),
+                                      dict(mode="lookback")],
+                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2", "target-serves-output", "lookback"])
 def test_the_cache_estimate_is_within_20_percent_of_what_the_run_held(spec_nodes, flux, stats_log, settings):
     settings = dict(settings)
     sample_args = {k: settings.pop(k) for k in ("cfg", "batch", "scale") if k in settings}

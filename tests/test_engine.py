@@ -197,7 +197,8 @@ def test_time_window(core):
 def test_config_rejects_bad_values(core):
     for bad in (dict(threshold=-1), dict(order=7), dict(max_forecast_steps=0), dict(method="x"),
                 dict(start_percent=0.8, end_percent=0.2), dict(threshold_decay=0.0),
-                dict(storage_dtype="int8"), dict(warmup_steps=-1), dict(output_space="x0")):
+                dict(storage_dtype="int8"), dict(warmup_steps=-1), dict(output_space="x0"),
+                dict(acceptance="after"), dict(acceptance="lookback", method="taylorseer")):
         with pytest.raises(ValueError, match="Speculative Cache"):
             core.CacheConfig(**bad)
 
@@ -708,3 +709,91 @@ def test_noise_space_forecasts_a_flow_velocity_exactly_when_the_noise_it_implies
                           atol=1e-6)
     # near sigma = 1 the way back divides by almost nothing: those steps are not forecast
     assert space.can_forecast_noise(0.5) and not space.can_forecast_noise(0.995)
+
+
+# ---- lookback acceptance: each computed step measures the output forecast's error --------
+def test_lookback_policy_sizes_forecast_runs_from_the_measured_error(core):
+    """Order 1: the error grows as d^2. Nothing measured: compute. 0.01 measured at d = 1
+    allows d = 1 and 2 (twice the longest distance measured), not 3. 0.09 measured at d = 3
+    predicts 0.01, 0.04, 0.09, 0.16 for d = 1..4: three forecasts under 0.1, then compute."""
+    cfg = core.CacheConfig(acceptance="lookback", threshold=0.1, order=1, warmup_steps=1,
+                           final_full_steps=0, max_forecast_steps=8)
+    pol = core.Policy(cfg, 30)
+    pol.record_full()
+    assert pol.decide(1, 0.9).reason == "no_measurement"
+    pol.record_lookback(0.01)
+    pol.record_full()
+    taken = []
+    for step in range(2, 6):
+        d = pol.decide(step, 0.5)
+        taken.append(d.reason)
+        if not d.forecast:
+            break
+        assert not d.verify                 # nothing runs on a lookback forecast step
+        pol.record_forecast()
+    assert taken == ["lookback", "lookback", "reach"]
+    pol.record_lookback(0.09)               # measured at d = 3
+    pol.record_full()
+    reasons = []
+    for step in range(6, 12):
+        d = pol.decide(step, 0.4)
+        reasons.append(d.reason)
+        if not d.forecast:
+            break
+        pol.record_forecast()
+    assert reasons == ["lookback"] * 3 + ["predicted_reject"]
+    pol.record_lookback(float("nan"))       # a broken measurement: compute until measured again
+    pol.record_full()
+    assert not pol.decide(12, 0.3).forecast
+
+
+def _lookback_run(core, config, trajectory, steps=20):
+    """Drive a lookback run like the ComfyUI glue: forecast steps serve the forecast, computed
+    steps measure the forecast of their output first, then record it."""
+    run = core.SpeculativeRun(config, steps)
+    served = []
+    for i in range(steps):
+        t = 1.0 - i / steps
+        d = run.begin_evaluation(t, i)
+        chunk = run.chunk(["cond", "uncond"], 2, units_full=1)
+        if d.forecast and chunk.can_forecast(["out"]):
+            served.append(chunk.predict("out"))
+            chunk.finish("F")
+            continue
+        real = trajectory(t)
+        chunk.add_units(1)
+        if chunk.can_forecast(["out"]):
+            chunk.look_back(chunk.predict("out"), real)
+        chunk.record({"out": real})
+        chunk.finish("C")
+        served.append(real)
+    return run.close(), served
+
+
+def test_lookback_run_forecasts_a_straight_trajectory_and_computes_a_bending_one(core):
+    base = torch.linspace(1, 2, 8).reshape(2, 4)
+    cfg = core.CacheConfig(acceptance="lookback", threshold=0.01, order=1, warmup_steps=3,
+                           final_full_steps=1, max_forecast_steps=4)
+    stats, served = _lookback_run(core, cfg, lambda t: base * (1 + t))
+    assert stats.acceptance == "lookback" and stats.verified == 0 and stats.looked_back > 0
+    # (the first measurement, at step 1, is of a forecast from one point: the reuse error)
+    assert stats.forecast >= 10 and all(e[2] < 1e-5 for e in stats.errors[1:]) and stats.errors[0][2] > 0.01
+    for i, out in enumerate(served):            # a linear forecast of a straight line is exact
+        assert torch.allclose(out, base * (2 - i / 20), atol=1e-5)
+    assert stats.to_dict()["looked_back"] == stats.looked_back
+    # A trajectory that bends sharply at every step: every measured error is far over 1 %.
+    stats, _ = _lookback_run(core, cfg, lambda t: base * math.cos(40 * t))
+    assert stats.forecast <= 1 and stats.compute_fraction >= 0.95
+    assert min(e[2] for e in stats.errors) > 0.01 and not any(e[4] for e in stats.errors)
+
+
+def test_lookback_takes_the_worst_stream(core):
+    """cond follows a line, uncond bends: the measured error is the uncond's."""
+    cfg = core.CacheConfig(acceptance="lookback", threshold=0.01, order=1, warmup_steps=3,
+                           final_full_steps=1, max_forecast_steps=4)
+    line = torch.ones(1, 4)
+
+    def trajectory(t):
+        return torch.cat([line * (1 + t), line * math.cos(40 * t)])
+    stats, _ = _lookback_run(core, cfg, trajectory)
+    assert stats.forecast <= 1 and min(e[2] for e in stats.errors) > 0.01

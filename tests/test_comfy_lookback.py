@@ -1,0 +1,114 @@
+"""Lookback mode: the whole model output is forecast, nothing runs on a forecast step, and each
+computed step measures how far the forecast of its own output was; through ComfyUI's real
+sampler on the reference model and on ComfyUI's own model classes at tiny sizes."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+
+from benchmarks import comfy_env
+from benchmarks import tiny_models as tm
+from conftest import live_tensor_count
+
+pytestmark = pytest.mark.comfy
+
+
+def simple(spec_nodes, model, **inputs):
+    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
+
+
+def config_of(patched):
+    return patched.model_options["transformer_options"]["speculative_cache"].config
+
+
+def options(spec_nodes, **values):
+    return spec_nodes.SpeculativeCacheOptions.execute(**values).result[0]
+
+
+def test_lookback_on_the_reference_model(spec_nodes, stats_log):
+    """Off at speed 0; at the default speed most steps are forecast, none is probed, every
+    computed step after the first measures the forecast, the picture stays close, nothing stays
+    in memory; a tolerance no forecast meets computes every step (the same pictures)."""
+    from benchmarks import reference_model as rm
+    model = rm.load_reference()
+    labels, seeds = [0, 1], [1000, 1001]
+    uncached = rm.sample(model, labels, seeds, steps=28)
+    assert torch.equal(rm.sample(simple(spec_nodes, model, mode="lookback", speed=0.0), labels, seeds, steps=28),
+                       uncached)
+    assert stats_log[-1]["forecast"] == 0
+    patched = simple(spec_nodes, model, mode="lookback")
+    rm.sample(patched, labels[:1], seeds[:1], steps=28)          # lazy allocations happen once
+    before = live_tensor_count()
+    images = rm.sample(patched, labels, seeds, steps=28)
+    for s in stats_log[-2:]:
+        assert s["acceptance"] == "lookback" and s["mode"] == "output" and s["output_space"] == "noise"
+        assert s["verified"] == 0 and s["forecast"] >= 10 and s["compute_fraction"] < 0.6
+        # every computed step from the second on measured its forecast (the first has no history)
+        assert s["looked_back"] == s["computed"] - 1 and len(s["errors"]) == s["looked_back"]
+        assert not s["internal_error"]
+    assert rm.psnr(images, uncached) > 38
+    del images
+    assert live_tensor_count() == before
+    strict = simple(spec_nodes, model, mode="lookback", options=options(spec_nodes, threshold=1e-9))
+    assert torch.equal(rm.sample(strict, labels, seeds, steps=28), uncached)
+    s = stats_log[-1]
+    assert s["forecast"] == 0 and s["looked_back"] == 27 and s["compute_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["flux", "wan21", "ltxv", "sd3", "lumina2"])
+def test_lookback_on_tiny_families(spec_nodes, stats_log, name):
+    """Block-level families, SD3 (APPLY_MODEL level on ComfyUI 0.3.64) and an output-level one
+    (Lumina 2): forecasts are taken, measured, and the result stays within 2 % of uncached."""
+    if not tm.available(name):
+        pytest.skip(f"{name} is not in this ComfyUI")
+    m = tm.build(name, seed=3)
+    ref = tm.sample(m, name, steps=12)
+    out = tm.sample(simple(spec_nodes, m, mode="lookback"), name, steps=12)
+    s = stats_log[-1]
+    assert s["acceptance"] == "lookback" and s["forecast"] > 0 and s["looked_back"] > 0 and s["verified"] == 0
+    assert not s["internal_error"] and torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_lookback_with_a_sampler_that_adds_noise_computes_and_says_so(spec_nodes, stats_log, caplog):
+    """Fresh noise at every step moves the model output in a way no forecast follows: lookback
+    measures errors near 100 %, forecasts nothing (the same picture) and the console says why."""
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    adapters._warned.clear()
+    m = tm.build("flux", seed=3)
+    ref = tm.sample(m, "flux", steps=12, sampler="euler_ancestral")
+    with caplog.at_level(logging.WARNING, logger="speculative_cache"):
+        out = tm.sample(simple(spec_nodes, m, mode="lookback"), "flux", steps=12, sampler="euler_ancestral")
+    s = stats_log[-1]
+    assert s["output_space"] == "model" and s["looked_back"] == 11 and s["forecast"] == 0
+    # (ComfyUI 0.3.64 adds no noise on the first step: the error at step 1 is small there)
+    assert min(e[2] for e in s["errors"][1:]) > 0.4 and torch.equal(out, ref)
+    assert any("lookback measures" in r.message for r in caplog.records)
+
+
+def test_lookback_with_heun_two_evaluations_per_step(spec_nodes, stats_log):
+    m = tm.build("flux", seed=3)
+    ref = tm.sample(m, "flux", steps=12, sampler="heun")
+    out = tm.sample(simple(spec_nodes, m, mode="lookback"), "flux", steps=12, sampler="heun")
+    s = stats_log[-1]
+    assert s["output_space"] == "noise" and s["forecast"] > 0 and s["looked_back"] > 0
+    assert s["evaluations"] > s["steps"] and not s["internal_error"]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_lookback_settings_and_what_the_options_node_changes(spec_nodes, caplog):
+    m = tm.build("flux", seed=3)
+    c = config_of(simple(spec_nodes, m, mode="lookback"))
+    assert (c.acceptance, c.output_space, c.order, c.step_weighting, c.method) == ("lookback", "noise", 1, True, "speca")
+    assert c.threshold == pytest.approx(0.04) and c.looks_back
+    assert config_of(simple(spec_nodes, m, mode="lookback", speed=1.0)).threshold == pytest.approx(0.4)
+    assert config_of(simple(spec_nodes, m, mode="lookback", options=options(spec_nodes, order=3))).order == 3
+    inputs = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.inputs")
+    with caplog.at_level(logging.WARNING, logger="speculative_cache"):
+        c = config_of(simple(spec_nodes, m, mode="lookback", options=options(spec_nodes, method="taylorseer")))
+    assert c.method == "speca" and any("lookback mode" in r.message for r in caplog.records)
+    assert "lookback" in inputs.MODES
