@@ -140,6 +140,11 @@ class Policy:
         self.lookback = (d, float(error) if math.isfinite(error) else float("inf"))
         self.lookback_reach = max(self.lookback_reach, d)
 
+    def forget_lookback(self) -> None:
+        """A stream's history started over (new weights): forecast again only once measured again."""
+        self.lookback = None
+        self.lookback_reach = 0
+
     def probe_allowed(self) -> bool:
         """Whether one more probe fits the overhead budget: the units spent beyond an
         uncached run so far (negative once forecasts saved more than probes wasted), plus

@@ -192,6 +192,7 @@ class Chunk:
         for s in self.streams():
             if s.set_weights(weights_key):
                 run.stats.weight_changes += 1
+                run.policy.forget_lookback()     # what was measured was of the other weights
 
     # tensors of this chunk are [batch, ...]: split them per stream
     def split(self, t: torch.Tensor):

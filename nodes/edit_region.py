@@ -335,6 +335,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guard.tell_listeners(STATS_LISTENERS, "Speculative Cache Edit Region", settings.node_id, run.stats.to_dict())
 
 
+def shares_model(patcher) -> bool:
+    """Whether an Edit Region node is installed on this model (in either order with the step
+    cache): its sampling wrapper is there."""
+    import comfy.patcher_extension as pe
+    wrappers = getattr(patcher, "wrappers", None) or {}
+    return bool(wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).get(WRAPPER_KEY))
+
+
 def verification_rows(args) -> torch.Tensor | None:
     """The token rows the step cache verifies a block on while this node is active on the
     same model (the region's tokens; with the text tokens in a single block): the others'

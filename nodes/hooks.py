@@ -44,6 +44,7 @@ class CacheSettings:
     config: CacheConfig
     node_id: str | None = None
     memory_budget_mb: int = 0           # 0: a share of the free memory of the model's device
+    probe_config: CacheConfig | None = None   # a lookback config's probe twin (see edit_region.shares_model)
 
 
 EVENT = "speculative_cache.stats"
@@ -134,7 +135,12 @@ def _run_context(transformer_options) -> RunContext | None:
 def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     sigmas = args[3]
     adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
-    config, estimate = memory.plan_run_memory(guider, adapter, settings.config, args[0], settings.memory_budget_mb)
+    config = settings.config
+    if settings.probe_config is not None and edit_region.shares_model(guider.model_patcher):
+        log.info("Speculative Cache: an Edit Region node shares this model; forecasts are probed on its "
+                 "region's tokens instead of looked back on.")
+        config = settings.probe_config
+    config, estimate = memory.plan_run_memory(guider, adapter, config, args[0], settings.memory_budget_mb)
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     start_time = float(model_sampling.percent_to_sigma(config.start_percent))
     end_time = float("-inf") if config.end_percent >= 1.0 else float(model_sampling.percent_to_sigma(config.end_percent))

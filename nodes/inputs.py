@@ -63,7 +63,8 @@ ADVANCED = {
         "0 disables forecasting (identical output). Only speca verifies."),
     "threshold_override": lambda: io.Float.Input(
         "threshold", default=-1.0, min=-1.0, max=10.0, step=0.005,
-        tooltip="An exact verification threshold in the metric's units (relative_norm: 0.1 = 10 %). "
+        tooltip="An exact verification threshold. Mode auto: the largest predicted error of the model "
+                "output forecast (0.04 = 4 %); probe: in the metric's units (relative_norm: 0.1 = 10 %). "
                 "-1: from the main node's speed slider."),
     "forecaster": lambda: io.Combo.Input(
         "forecaster", options=list(FORECASTERS), default=_D.forecaster,
@@ -155,11 +156,11 @@ OPTIONS_DEFAULTS = {i.id: i.default for i in options_inputs()}
 CONFIG_DEFAULTS = {f.name: getattr(_D, f.name) for f in fields(CacheConfig)}
 
 # ---- the main node's speed slider -----------------------------------------------------
-MODES = ("auto", "lookback", "speed_target", *PAPER.keys())
+MODES = ("auto", "probe", "speed_target", *PAPER.keys())
 # Where speed 0.5 lands: the metric's default threshold (the papers' base thresholds).
 BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
-# Lookback mode: speed 0.5 accepts a predicted 4 % error of the model output (tuned on both
-# reference models, 8 samples: README, "Lookback").
+# auto (lookback acceptance): speed 0.5 accepts a predicted 4 % error of the model output
+# (tuned on both reference models, 8 samples: README, "Lookback").
 LOOKBACK_THRESHOLD = 0.04
 SPEED_TARGET_ORDER = 1
 PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
@@ -193,12 +194,24 @@ def legacy_config(family: str, values: dict) -> CacheConfig:
     return _finish(preset, family, values)
 
 
+def lookback_fits(opts: dict) -> bool:
+    """Whether the Options node leaves room for lookback acceptance: SpeCa at stack
+    granularity with the default metric. Another method, block granularity (ClusCa, per-block
+    forecasts) or a probe metric asks for what only the per-step probe does."""
+    return (opts["method"] == "speca" and opts["granularity"] == OPTIONS_DEFAULTS["granularity"]
+            and opts["metric"] == OPTIONS_DEFAULTS["metric"])
+
+
 def simple_config(family: str, mode: str, speed: float, start_percent: float, end_percent: float,
-                  options: dict | None) -> tuple[CacheConfig, str]:
-    """The main node's config and a one-line description of what the slider set."""
+                  options: dict | None, lookback: bool = True) -> tuple[CacheConfig, str]:
+    """The main node's config and a one-line description of what the slider set.
+    ``lookback=False``: the same inputs with the per-step probe (auto becomes probe)."""
     if mode not in MODES:
         raise ValueError(f"Speculative Cache: unknown mode {mode!r}; choose from {MODES}")
     opts = {**OPTIONS_DEFAULTS, **(options or {})}
+    looks_back = lookback and mode in ("auto", "speed_target") and lookback_fits(opts)
+    if mode == "auto" and not looks_back:
+        mode = "probe"          # the Options node asked for what only the probe does
     preset = opts.pop("preset")
     override = float(opts.pop("threshold"))
     opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
@@ -206,7 +219,7 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     if mode in PAPER:
         preset = mode
         base = PAPER_BASE_THRESHOLD[mode]
-    elif mode == "lookback":
+    elif mode == "auto":
         base = LOOKBACK_THRESHOLD
     else:
         base = BASE_THRESHOLD[values["metric"]]
@@ -223,13 +236,14 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
         if values["order"] == OPTIONS_DEFAULTS["order"]:
             values["order"] = SPEED_TARGET_ORDER
     config = _finish(preset, family, values)
-    if mode == "lookback":
+    if mode == "auto":
         config = _lookback_schedule(config, opts)
         what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
     elif mode == "speed_target":
-        config = _speed_target_schedule(config, opts)
-        what = f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
-    elif family == OutputAdapter.family and mode == "auto":
+        config = _speed_target_schedule(config, opts, looks_back)
+        what = (f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
+                f" ({'lookback' if looks_back else 'probe'})")
+    elif family == OutputAdapter.family and mode == "probe":
         # No verification probe at the output level, so no threshold to set: the slider sets
         # how many forecasts may follow a computed step instead (0.5: the preset's 2).
         if opts["max_forecast_steps"] == OPTIONS_DEFAULTS["max_forecast_steps"]:
@@ -241,24 +255,20 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
 
 
 def _lookback_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
-    """Lookback mode: the whole model output is forecast, as the noise it implies for flow
-    models, with a linear polynomial, and each step's tolerance weighted by its size in sigma
-    (what the Options node leaves at its defaults). On the reference models (8 samples) order
-    1 and the weighting were the best of what was tried (README, "Lookback")."""
+    """auto: lookback acceptance. The whole model output is forecast, as the noise it implies
+    for flow models, with a linear polynomial, and each step's tolerance weighted by its size in
+    sigma (what the Options node leaves at its defaults). On the reference models (8 samples)
+    order 1 and the weighting were the best of what was tried (README, "Lookback")."""
     changes = {"acceptance": "lookback", "output_space": "noise",
                "max_forecast_steps": opts["max_forecast_steps"]}      # not a family preset's cap
     if opts["order"] == OPTIONS_DEFAULTS["order"]:
         changes["order"] = 1
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
         changes["step_weighting"] = True
-    if config.method != "speca":
-        log.warning("Speculative Cache: lookback mode forecasts with its own check; method %r from the "
-                    "Options node is ignored (use mode auto for the other methods).", config.method)
-        changes["method"] = "speca"
     return dataclasses.replace(config, **changes)
 
 
-def _speed_target_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
+def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool) -> CacheConfig:
     """A speed target's schedule, for what the Options node leaves at its defaults: warm-up
     only as long as the forecast needs points (order + 1), so the budget goes to the
     schedule, and the threshold weighted by each step's size in sigma, so the forecasts a
@@ -268,10 +278,14 @@ def _speed_target_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
     1.3-2.3 dB at each target (benchmarks.schedule_sweep; the table under "Speed target" in
     the README).
 
-    On accepted forecast steps the forecast of the model output itself is served (the stage
-    forecasts still feed the verification probe): on the 19-block model +1.6 dB at 3x and
-    +2.3 dB at 4x, on the 6-block model +2.8 dB at 2x, -0.6 dB at 3x (README, diagnosis)."""
-    changes = {"serve_output": True}
+    ``looks_back``: the forecasts are accepted by lookback (the steered threshold is then the
+    tolerance of the output forecast's predicted error); at 3x on the reference models (8
+    samples) this gave 0.335 compute / 38.9 dB (19-block) and 0.335 / 40.2 dB (6-block),
+    against the probe's 0.360 / 38.5 dB and 0.38 / 34.1 dB. With the probe (the Options node
+    asked for it), the forecast of the model output itself is served on accepted steps (the
+    stage forecasts still feed the probe): on the 19-block model +1.6 dB at 3x and +2.3 dB at
+    4x, on the 6-block model +2.8 dB at 2x, -0.6 dB at 3x (README, diagnosis)."""
+    changes = {"acceptance": "lookback", "output_space": "noise"} if looks_back else {"serve_output": True}
     if opts["warmup_steps"] == OPTIONS_DEFAULTS["warmup_steps"]:
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
@@ -292,7 +306,7 @@ def migrate_legacy(values: dict) -> dict:
     and an ``options`` dict (None when every option is at its default)."""
     v = {**LEGACY_DEFAULTS, **values}
     preset = v["preset"]
-    mode = preset if preset in PAPER else "auto"
+    mode = preset if preset in PAPER else "probe"          # the legacy node always probes
     base = PAPER_BASE_THRESHOLD[mode] if mode in PAPER else BASE_THRESHOLD[v["metric"]]
     threshold = float(v["threshold"])
     options = {name: v[name] for name in OPTIONS_DEFAULTS

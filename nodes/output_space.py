@@ -118,8 +118,8 @@ class Serving:
             warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast "
                       "follows: a speed target meets its budget here with visibly changed pictures (3x on the "
                       "reference model: 15-28 dB PSNR to the uncached picture, 34-45 dB with deterministic "
-                      "samplers). Mode auto keeps the picture (and gives no speed-up with such a sampler), or "
-                      "use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
+                      "samplers). Mode auto measures that and computes (the same picture, no speed-up with "
+                      "such a sampler); or use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
         if self.looks_back:
             warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast "
                       "follows: lookback measures that and computes nearly every step (no speed-up, the "

@@ -27,29 +27,31 @@ class SpeculativeCacheSimple(io.ComfyNode):
             category="model_patches/speculative_cache",
             description=(
                 "Makes diffusion transformers (FLUX, Wan, Qwen-Image, HunyuanVideo, ...) faster: most "
-                "steps are forecast from the last computed ones, and each forecast is checked against "
-                "one real block before it is used (SpeCa, forecast-then-verify). One slider: 0 = off "
+                "steps are forecast from the last computed ones, and the forecasts are checked (forecast, "
+                "then verify): by default each computed step measures how far the forecasts had drifted "
+                "and sets how many may follow (lookback); mode probe checks each forecast against one real "
+                "block before it is used (SpeCa). One slider: 0 = off "
                 "(identical picture), higher = faster. Advanced settings: plug a Speculative Cache "
                 "Options node into 'options'."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to accelerate."),
                 io.Combo.Input(
                     "mode", options=list(MODES), default="auto",
-                    tooltip="auto: every forecast is verified; 'speed' sets how far a forecast may be "
-                            "off (the family's tuned settings). lookback: the whole model output is "
-                            "forecast and nothing runs on a forecast step; each computed step measures how "
-                            "far its forecast was, and forecasts continue while the predicted error stays "
-                            "under the tolerance (speed 0.5: 4 %; deterministic samplers). speed_target: 'speed' sets the speed-up "
-                            "to reach (1x at 0 to 5x at 1; 0.5 = 3x) and the cache steers its tolerance "
-                            "during the run to meet it. paper_flux / paper_hunyuan_video: the SpeCa "
-                            "paper's settings (speed 0.5 = the paper's threshold)."),
+                    tooltip="auto: the model output is forecast and nothing runs on a forecast step; each "
+                            "computed step measures how far its own forecast was, and forecasts continue "
+                            "while the error predicted from that stays under the tolerance (speed 0.5: "
+                            "4 %). probe: SpeCa's check, one real block on every forecast step (speed 0.5: "
+                            "10 % error of that block). speed_target: 'speed' sets the speed-up to reach "
+                            "(1x at 0 to 5x at 1; 0.5 = 3x) and the cache steers its tolerance during the "
+                            "run to meet it. paper_flux / paper_hunyuan_video: the SpeCa paper's settings "
+                            "(speed 0.5 = the paper's threshold)."),
                 io.Float.Input(
                     "speed", default=0.5, min=0.0, max=1.0, step=0.01, display_mode=io.NumberDisplay.slider,
                     tooltip="0 = off: the picture is identical to running without the node. Higher = "
                             "faster and further from the uncached picture. auto: 0.5 is the tuned "
-                            "default (verification tolerance 10 %), 0.25 about 4.5 %, 0.75 about 32 %; lookback: "
-                            "4 % at 0.5. "
-                            "speed_target: the target speed-up is 1 + 4 x speed."),
+                            "default (4 % predicted error of the model output), 0.25 about 1.8 %, 0.75 "
+                            "about 13 %. probe: 10 % error of the probed block at 0.5. speed_target: the "
+                            "target speed-up is 1 + 4 x speed."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                display_mode=io.NumberDisplay.slider,
                                tooltip="Forecasting may start at this fraction of the schedule."),
@@ -79,7 +81,14 @@ class SpeculativeCacheSimple(io.ComfyNode):
         log.info("Speculative Cache: %s mode, speed %.2f -> %s", mode, speed, what)
         hidden = getattr(cls, "hidden", None)
         node_id = hidden.unique_id if hidden is not None else None
-        settings = CacheSettings(config=config, node_id=node_id, memory_budget_mb=memory_budget(options))
+        # What the run uses instead when an Edit Region node shares the model (its blocks run
+        # the region on computed steps; the probe checks forecasts on the region's tokens).
+        probe_config = None
+        if config.looks_back:
+            probe_config, _ = simple_config(adapter.family, mode, float(speed), float(start_percent),
+                                            float(end_percent), options, lookback=False)
+        settings = CacheSettings(config=config, node_id=node_id, memory_budget_mb=memory_budget(options),
+                                 probe_config=probe_config)
         patched, _ = install(model, settings, adapter)
         return io.NodeOutput(patched)
 

@@ -146,7 +146,10 @@ def test_quick_benchmark_end_to_end(spec_nodes, tmp_path):
             assert r["compute_fraction"] < 1.0 and r["psnr_db"] < 100.0, r
             assert r["speedup"] > 0
         if r["method"] == "speca":
-            assert r["verify_fraction"] > 0 and r["cache_bytes"] > 0
+            # lookback (the node's default) runs no probe; the probe's rows pay for theirs
+            assert r["cache_bytes"] > 0
+            assert r["acceptance"] == ("lookback" if r["settings"].get("defaults") else "probe"), r
+            assert (r["verify_fraction"] > 0) == (r["acceptance"] == "probe")
         if r["method"] in ("reuse", "taylorseer"):
             assert r["verify_fraction"] == 0
     (tmp_path / "r.json").write_text(json.dumps(result))

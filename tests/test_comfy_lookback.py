@@ -1,4 +1,4 @@
-"""Lookback mode: the whole model output is forecast, nothing runs on a forecast step, and each
+"""Lookback acceptance (mode auto): the whole model output is forecast, nothing runs on a forecast step, and each
 computed step measures how far the forecast of its own output was; through ComfyUI's real
 sampler on the reference model and on ComfyUI's own model classes at tiny sizes."""
 
@@ -37,10 +37,10 @@ def test_lookback_on_the_reference_model(spec_nodes, stats_log):
     model = rm.load_reference()
     labels, seeds = [0, 1], [1000, 1001]
     uncached = rm.sample(model, labels, seeds, steps=28)
-    assert torch.equal(rm.sample(simple(spec_nodes, model, mode="lookback", speed=0.0), labels, seeds, steps=28),
+    assert torch.equal(rm.sample(simple(spec_nodes, model, speed=0.0), labels, seeds, steps=28),
                        uncached)
     assert stats_log[-1]["forecast"] == 0
-    patched = simple(spec_nodes, model, mode="lookback")
+    patched = simple(spec_nodes, model)
     rm.sample(patched, labels[:1], seeds[:1], steps=28)          # lazy allocations happen once
     before = live_tensor_count()
     images = rm.sample(patched, labels, seeds, steps=28)
@@ -53,7 +53,7 @@ def test_lookback_on_the_reference_model(spec_nodes, stats_log):
     assert rm.psnr(images, uncached) > 38
     del images
     assert live_tensor_count() == before
-    strict = simple(spec_nodes, model, mode="lookback", options=options(spec_nodes, threshold=1e-9))
+    strict = simple(spec_nodes, model, options=options(spec_nodes, threshold=1e-9))
     assert torch.equal(rm.sample(strict, labels, seeds, steps=28), uncached)
     s = stats_log[-1]
     assert s["forecast"] == 0 and s["looked_back"] == 27 and s["compute_fraction"] == 1.0
@@ -67,7 +67,7 @@ def test_lookback_on_tiny_families(spec_nodes, stats_log, name):
         pytest.skip(f"{name} is not in this ComfyUI")
     m = tm.build(name, seed=3)
     ref = tm.sample(m, name, steps=12)
-    out = tm.sample(simple(spec_nodes, m, mode="lookback"), name, steps=12)
+    out = tm.sample(simple(spec_nodes, m), name, steps=12)
     s = stats_log[-1]
     assert s["acceptance"] == "lookback" and s["forecast"] > 0 and s["looked_back"] > 0 and s["verified"] == 0
     assert not s["internal_error"] and torch.isfinite(out).all()
@@ -82,7 +82,7 @@ def test_lookback_with_a_sampler_that_adds_noise_computes_and_says_so(spec_nodes
     m = tm.build("flux", seed=3)
     ref = tm.sample(m, "flux", steps=12, sampler="euler_ancestral")
     with caplog.at_level(logging.WARNING, logger="speculative_cache"):
-        out = tm.sample(simple(spec_nodes, m, mode="lookback"), "flux", steps=12, sampler="euler_ancestral")
+        out = tm.sample(simple(spec_nodes, m), "flux", steps=12, sampler="euler_ancestral")
     s = stats_log[-1]
     assert s["output_space"] == "model" and s["looked_back"] == 11 and s["forecast"] == 0
     # (ComfyUI 0.3.64 adds no noise on the first step: the error at step 1 is small there)
@@ -93,22 +93,22 @@ def test_lookback_with_a_sampler_that_adds_noise_computes_and_says_so(spec_nodes
 def test_lookback_with_heun_two_evaluations_per_step(spec_nodes, stats_log):
     m = tm.build("flux", seed=3)
     ref = tm.sample(m, "flux", steps=12, sampler="heun")
-    out = tm.sample(simple(spec_nodes, m, mode="lookback"), "flux", steps=12, sampler="heun")
+    out = tm.sample(simple(spec_nodes, m), "flux", steps=12, sampler="heun")
     s = stats_log[-1]
     assert s["output_space"] == "noise" and s["forecast"] > 0 and s["looked_back"] > 0
     assert s["evaluations"] > s["steps"] and not s["internal_error"]
     assert ((out - ref).norm() / ref.norm()).item() < 0.02
 
 
-def test_lookback_settings_and_what_the_options_node_changes(spec_nodes, caplog):
+def test_lookback_settings_and_what_the_options_node_changes(spec_nodes):
     m = tm.build("flux", seed=3)
-    c = config_of(simple(spec_nodes, m, mode="lookback"))
+    c = config_of(simple(spec_nodes, m))
     assert (c.acceptance, c.output_space, c.order, c.step_weighting, c.method) == ("lookback", "noise", 1, True, "speca")
     assert c.threshold == pytest.approx(0.04) and c.looks_back
-    assert config_of(simple(spec_nodes, m, mode="lookback", speed=1.0)).threshold == pytest.approx(0.4)
-    assert config_of(simple(spec_nodes, m, mode="lookback", options=options(spec_nodes, order=3))).order == 3
-    inputs = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.inputs")
-    with caplog.at_level(logging.WARNING, logger="speculative_cache"):
-        c = config_of(simple(spec_nodes, m, mode="lookback", options=options(spec_nodes, method="taylorseer")))
-    assert c.method == "speca" and any("lookback mode" in r.message for r in caplog.records)
-    assert "lookback" in inputs.MODES
+    assert config_of(simple(spec_nodes, m, speed=1.0)).threshold == pytest.approx(0.4)
+    assert config_of(simple(spec_nodes, m, options=options(spec_nodes, order=3))).order == 3
+    # what only the probe does: another method, block granularity, a probe metric
+    for asked in (dict(method="taylorseer"), dict(granularity="block"), dict(metric="relative_change")):
+        c = config_of(simple(spec_nodes, m, options=options(spec_nodes, **asked)))
+        assert c.acceptance == "probe" and not c.looks_back, asked
+    assert config_of(simple(spec_nodes, m, mode="probe")).acceptance == "probe"

@@ -30,6 +30,15 @@ def with_engine(patched, **fields):
     return out
 
 
+def with_probe(patched):
+    """``patched`` with the per-step probe instead of lookback (the twin config the node keeps
+    for runs that share the model with an Edit Region node)."""
+    settings = patched.model_options["transformer_options"]["speculative_cache"]
+    assert settings.probe_config is not None
+    return with_engine(patched, **{f.name: getattr(settings.probe_config, f.name)
+                                   for f in dataclasses.fields(settings.probe_config)})
+
+
 def test_noise_space_serves_another_close_forecast_on_the_reference_model(spec_nodes, stats_log):
     """Speed target 3x on the 6-block reference model, the output forecast served: in noise
     space the forecasts give other pictures, as close to the uncached ones (how much closer
@@ -38,7 +47,7 @@ def test_noise_space_serves_another_close_forecast_on_the_reference_model(spec_n
     ref_model = rm.load_reference()
     labels, seeds = [0, 1], [1000, 1001]
     uncached = rm.sample(ref_model, labels, seeds, steps=28)
-    target = simple(spec_nodes, ref_model, mode="speed_target", speed=0.5)
+    target = with_probe(simple(spec_nodes, ref_model, mode="speed_target", speed=0.5))
     assert target.model_options["transformer_options"]["speculative_cache"].config.serve_output
     results = {}
     for space in ("model", "noise"):
@@ -57,7 +66,7 @@ def test_noise_space_at_the_output_level(spec_nodes, stats_log):
     without the cache (recording in noise space changes no output)."""
     m = tm.build("lumina2", seed=3)
     uncached = tm.sample(m, "lumina2", steps=16)
-    patched = simple(spec_nodes, m, speed=1.0)
+    patched = with_probe(simple(spec_nodes, m, speed=1.0))      # fixed-interval forecasts
     model_space = tm.sample(patched, "lumina2", steps=16)
     noise = tm.sample(with_engine(patched, output_space="noise"), "lumina2", steps=16)
     assert stats_log[-1]["mode"] == "output" and stats_log[-1]["forecast"] > 3
@@ -77,7 +86,7 @@ def test_noise_space_leaves_other_models_as_they_are(spec_nodes, stats_log, name
     predicts noise already (not a flow model), and Wan image-to-video's input has 36 channels
     (image conditioning concatenated) for 16 out, so x does not give the noise."""
     m = tm.build(name, seed=3)
-    patched = simple(spec_nodes, m, mode=speed_mode, speed=1.0)
+    patched = with_probe(simple(spec_nodes, m, mode=speed_mode, speed=1.0))
     images, forecasts = {}, []
     for space in ("model", "noise"):
         images[space] = tm.sample(with_engine(patched, output_space=space), name, steps=12)
@@ -108,18 +117,18 @@ def test_samplers_that_add_noise_are_told_apart(spec_nodes):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "euler_ancestral"])
 def test_a_sampler_that_adds_noise_serves_the_stage_forecasts(spec_nodes, stats_log, caplog, sampler):
-    """The speed target serves the output forecast, which cannot follow fresh noise in x: with
+    """A probing speed target serves the output forecast, which cannot follow fresh noise in x: with
     such a sampler the run serves the stages' forecasts (and says so), and stays as close to
     the uncached picture as with the output forecast turned off by hand. The console warns
     that a target costs fidelity with such a sampler."""
     importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")._warned.clear()
     m = tm.build("flux", seed=3)
     ref = tm.sample(m, "flux", steps=8, sampler=sampler)
-    target = simple(spec_nodes, m, mode="speed_target", speed=1.0)
+    target = with_probe(simple(spec_nodes, m, mode="speed_target", speed=1.0))
     errors = []
     with caplog.at_level("WARNING", logger="speculative_cache"):
         tm.sample(target, "flux", steps=8, sampler=sampler)
-    assert "adds fresh noise at every step" in caplog.text and "Mode auto keeps the picture" in caplog.text
+    assert "adds fresh noise at every step" in caplog.text and "computes (the same picture" in caplog.text
     for patched in (target, with_engine(target, output_space="noise"), with_engine(target, serve_output=False)):
         out = tm.sample(patched, "flux", steps=8, sampler=sampler)
         s = stats_log[-1]

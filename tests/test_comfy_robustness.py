@@ -225,10 +225,13 @@ def test_sampler_custom_advanced_with_custom_sigmas_and_partial_denoise(spec_nod
     assert ((on - ref).norm() / ref.norm()).item() < 0.1
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(granularity="block"), dict(order=1, storage_dtype="bfloat16"),
-                                      dict(cfg=1.0), dict(batch=2, scale=2), dict(mode="speed_target"),
-                                      dict(mode="lookback")],
-                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2", "target-serves-output", "lookback"])
+@pytest.mark.parametrize("settings", [dict(mode="probe"), dict(granularity="block"),
+                                      dict(mode="probe", order=1, storage_dtype="bfloat16"),
+                                      dict(mode="probe", cfg=1.0), dict(mode="probe", batch=2, scale=2),
+                                      dict(mode="speed_target", granularity="block"), dict(mode="speed_target"),
+                                      dict(), dict(batch=2, scale=2)],
+                         ids=["stack", "block", "order1-bf16", "cfg1", "batch2-x2", "probing-target-serves-output",
+                              "target-looks-back", "auto-looks-back", "auto-batch2-x2"])
 def test_the_cache_estimate_is_within_20_percent_of_what_the_run_held(spec_nodes, flux, stats_log, settings):
     settings = dict(settings)
     sample_args = {k: settings.pop(k) for k in ("cfg", "batch", "scale") if k in settings}
@@ -236,7 +239,9 @@ def test_the_cache_estimate_is_within_20_percent_of_what_the_run_held(spec_nodes
     opts = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, **settings).result[0]
     tm.sample(simple(spec_nodes, flux, mode=mode, options=opts), "flux", steps=10, **sample_args)
     s = stats_log[-1]
-    assert s["serve_output"] == (mode == "speed_target")
+    # a probing speed target serves the output forecast; lookback forecasts only the output
+    assert s["serve_output"] == (mode == "speed_target" and s["acceptance"] == "probe")
+    assert s["acceptance"] == ("lookback" if mode in ("auto", "speed_target") and not settings else "probe")
     assert s["cache_bytes"] > 0 and s["forecast"] > 0
     assert s["cache_estimate_bytes"] == pytest.approx(s["cache_bytes"], rel=0.2)
 
@@ -336,11 +341,13 @@ def _reference_controlnet(seed=5, scale=0.02):
                                        extra_conds=["y", "guidance"])
 
 
-def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log):
+@pytest.mark.parametrize("mode", ["probe", "auto"])
+def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log, mode):
     """A ControlNet adds its residuals between the blocks, outside the block patches. The
-    run stays at block level: each stage's residual is measured block by block without
+    probe stays at block level: each stage's residual is measured block by block without
     them, and the forward adds this step's real residuals on forecast steps. Without that,
-    they counted twice and every verification failed (measured: no forecast accepted)."""
+    they counted twice and every verification failed (measured: no forecast accepted).
+    auto forecasts the whole output, the ControlNet's effect included, and measures it."""
     import comfy.sample
     from benchmarks import reference_model as rm
     model = rm.load_reference()
@@ -359,9 +366,9 @@ def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log):
 
     reference = sample(model)
     assert rm.psnr(rm.decode(reference), rm.decode(sample(model, control=False))) < 30    # the ControlNet acts
-    assert torch.equal(sample(simple(spec_nodes, model, speed=0.0)), reference)
-    out = sample(simple(spec_nodes, model, speed=0.5))
+    assert torch.equal(sample(simple(spec_nodes, model, mode=mode, speed=0.0)), reference)
+    out = sample(simple(spec_nodes, model, mode=mode, speed=0.5))
     s = stats_log[-1]
-    assert s["mode"] == "stack" and not s["internal_error"], s
+    assert s["mode"] == ("stack" if mode == "probe" else "output") and not s["internal_error"], s
     assert s["forecast"] >= 4 and s["compute_fraction"] < 0.8, s["timeline"]
     assert rm.psnr(rm.decode(out), rm.decode(reference)) > 40

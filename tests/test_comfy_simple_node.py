@@ -65,14 +65,21 @@ def test_main_node_has_six_inputs_and_a_slider_that_does_something_everywhere(sp
     assert all(spec[1].get("tooltip") and "default" in spec[1] for spec in opt["input"]["required"].values())
 
 
-def test_defaults_are_the_legacy_nodes_defaults(spec_nodes, flux, inputs_mod):
-    assert config_of(simple(spec_nodes, flux)) == inputs_mod.legacy_config("flux", {})
-    assert config_of(simple(spec_nodes, flux, options=options(spec_nodes))) == inputs_mod.legacy_config("flux", {})
+def test_probe_defaults_are_the_legacy_nodes_defaults_and_auto_looks_back(spec_nodes, flux, inputs_mod):
+    legacy = inputs_mod.legacy_config("flux", {})
+    assert config_of(simple(spec_nodes, flux, mode="probe")) == legacy
+    assert config_of(simple(spec_nodes, flux, mode="probe", options=options(spec_nodes))) == legacy
+    import dataclasses
+    auto = config_of(simple(spec_nodes, flux))
+    assert auto == config_of(simple(spec_nodes, flux, options=options(spec_nodes)))
+    assert auto.threshold == pytest.approx(0.04)
+    assert auto == dataclasses.replace(legacy, acceptance="lookback", output_space="noise", order=1,
+                                       step_weighting=True, threshold=auto.threshold)
 
 
 def test_speed_zero_is_bit_identical(spec_nodes, flux, stats_log):
     ref = tm.sample(flux, "flux", steps=12)
-    for mode in ("auto", "speed_target", "paper_flux"):
+    for mode in ("auto", "probe", "speed_target", "paper_flux"):
         out = tm.sample(simple(spec_nodes, flux, mode=mode, speed=0.0), "flux", steps=12)
         assert torch.equal(out, ref), mode
         assert stats_log[-1]["computed"] == 12 and stats_log[-1]["forecast"] == 0
@@ -96,8 +103,10 @@ def test_options_reach_the_run(spec_nodes, flux, stats_log):
 
 
 def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, flux):
-    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(0.1 * 0.2 ** 0.5)
-    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(0.1 * 10 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, mode="probe", speed=0.25)).threshold == pytest.approx(0.1 * 0.2 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, mode="probe", speed=0.75)).threshold == pytest.approx(0.1 * 10 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(0.04 * 0.2 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(0.04 * 10 ** 0.5)
     paper = config_of(simple(spec_nodes, flux, mode="paper_flux"))
     assert (paper.threshold, paper.metric, paper.order, paper.on_reject) == (7.0, "relative_l1", 2, "next")
     assert config_of(simple(spec_nodes, flux, mode="paper_hunyuan_video")).threshold == 1.0
@@ -106,9 +115,13 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     target = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25))
     # a target's schedule: order 1, warm-up just the two points it needs, step-size weighting
     assert (target.target_speedup, target.order, target.warmup_steps, target.step_weighting) == (2.0, 1, 2, True)
-    assert target.serve_output
-    auto = config_of(simple(spec_nodes, flux))
-    assert (auto.order, auto.warmup_steps, auto.step_weighting, auto.serve_output) == (2, 3, False, False)
+    assert target.acceptance == "lookback" and not target.serve_output
+    probe = config_of(simple(spec_nodes, flux, mode="probe"))
+    assert (probe.order, probe.warmup_steps, probe.step_weighting, probe.serve_output) == (2, 3, False, False)
+    # an Options node asking for what only the probe does: the target probes and serves the output
+    probing = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25,
+                               options=options(spec_nodes, granularity="block")))
+    assert probing.acceptance == "probe" and probing.serve_output
     opts = options(spec_nodes, order=3)
     chosen = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts))
     assert (chosen.order, chosen.warmup_steps) == (3, 3)        # what the Options node sets wins
@@ -121,17 +134,18 @@ def test_at_the_output_level_the_slider_sets_the_forecasts_in_a_row(spec_nodes, 
     threshold to set: the slider sets how many forecasts follow a computed step, and a
     higher speed forecasts more steps. An interval set on the Options node wins."""
     m = tm.build("lumina2", seed=3)
-    assert [config_of(simple(spec_nodes, m, speed=s)).max_forecast_steps for s in (0.1, 0.25, 0.5, 0.75, 1.0)] \
-        == [1, 1, 2, 3, 4]
-    assert config_of(simple(spec_nodes, m, speed=1.0, options=options(spec_nodes, max_forecast_steps=6))) \
-        .max_forecast_steps == 6
+    assert [config_of(simple(spec_nodes, m, mode="probe", speed=s)).max_forecast_steps
+            for s in (0.1, 0.25, 0.5, 0.75, 1.0)] == [1, 1, 2, 3, 4]
+    assert config_of(simple(spec_nodes, m, mode="probe", speed=1.0,
+                            options=options(spec_nodes, max_forecast_steps=6))).max_forecast_steps == 6
     forecasts = []
     for speed in (0.25, 1.0):
-        tm.sample(simple(spec_nodes, m, speed=speed), "lumina2", steps=16)
+        tm.sample(simple(spec_nodes, m, mode="probe", speed=speed), "lumina2", steps=16)
         assert stats_log[-1]["mode"] == "output"
         forecasts.append(stats_log[-1]["forecast"])
     assert 0 < forecasts[0] < forecasts[1]
-    assert config_of(simple(spec_nodes, tm.build("flux", seed=3), speed=1.0)).max_forecast_steps == 8
+    assert config_of(simple(spec_nodes, tm.build("flux", seed=3), mode="probe", speed=1.0)).max_forecast_steps == 8
+    assert config_of(simple(spec_nodes, m, speed=1.0)).max_forecast_steps == 8     # auto measures instead
 
 
 @pytest.mark.parametrize("legacy", [
@@ -172,13 +186,14 @@ def test_speed_target_reaches_its_speedup_on_the_reference_model(spec_nodes, sta
     s = stats_log[-1]
     assert s["target_speedup"] == pytest.approx(target)
     assert 1.0 / s["compute_fraction"] == pytest.approx(target, rel=0.15), s["timeline"]
-    assert s["rejected"] < s["verified"]
+    assert s["acceptance"] == "lookback" and s["looked_back"] > 0 and s["verified"] == 0
 
 
-def test_speed_target_serves_the_output_forecast(spec_nodes, stats_log):
-    """In target mode an accepted forecast step returns the forecast of the model output (the
-    stage forecasts only feed the verification probe): the picture differs from the one the
-    stage forecasts give, and both stay close to the uncached one."""
+def test_a_probing_speed_target_serves_the_output_forecast(spec_nodes, stats_log):
+    """A speed target that probes (an Options node asked for block granularity) returns the
+    forecast of the model output on an accepted forecast step (the stage forecasts only feed
+    the verification probe): the picture differs from the one the stage forecasts give, and
+    both stay close to the uncached one."""
     import dataclasses
     from benchmarks import reference_model as rm
     ref_model = rm.load_reference()
@@ -186,7 +201,11 @@ def test_speed_target_serves_the_output_forecast(spec_nodes, stats_log):
     served = simple(spec_nodes, ref_model, mode="speed_target", speed=0.25)
     to = served.model_options["transformer_options"]
     settings = to["speculative_cache"]
-    assert settings.config.serve_output
+    assert settings.config.acceptance == "lookback"
+    settings = dataclasses.replace(settings, config=dataclasses.replace(
+        settings.config, acceptance="probe", output_space="model", serve_output=True))
+    served = served.clone()
+    served.model_options["transformer_options"] = to = dict(to, speculative_cache=settings)
     stages_only = served.clone()
     stages_only.model_options["transformer_options"] = dict(to, speculative_cache=dataclasses.replace(
         settings, config=dataclasses.replace(settings.config, serve_output=False)))

@@ -86,7 +86,7 @@ def test_node_is_found_in_the_node_library_and_added(page):
 def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
     """The main node fed by an Options node (a threshold the tiny random model passes), run
     from the browser: summary with the time saved, timeline, and the chart of each
-    verification's error against its threshold."""
+    check's error against its threshold."""
     info = page.server.get("/object_info/SpeculativeCacheOptions")["SpeculativeCacheOptions"]
     defaults = widget_defaults(info)
     options = [dict(defaults, threshold=5.0)[n] for n in info["input_order"]["required"]]
@@ -103,8 +103,9 @@ def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
     assert forecast_cells > 0
     computed = int(text.split("/")[0])
     assert computed + forecast_cells == STEPS
-    assert "rejected" in text and "x" in text and "MB" in text and "saved" in text
-    # the chart: one dot per verification, green accepted / orange rejected, under a threshold line
+    # auto looks back: the summary counts the computed steps that checked the forecasts before them
+    assert "checked" in text and "x" in text and "MB" in text and "saved" in text
+    # the chart: one dot per check, green under the tolerance / orange over, under a threshold line
     dots = page.locator(".speculative-cache-chart .speculative-cache-error")
     assert dots.count() > 0 and page.locator(".speculative-cache-chart .speculative-cache-threshold").count() == 1
     assert page.locator(".speculative-cache-chart .accepted").count() > 0

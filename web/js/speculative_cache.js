@@ -48,7 +48,9 @@ export function summaryText(s) {
   const speed = Number.isFinite(s.speedup) ? `${Number(s.speedup).toFixed(1)}x` : "-";
   const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x)` : "";
   const saved = `≈ ${formatSeconds(Number(s.saved_seconds))} saved`;
-  return `${head} · ${s.rejected} rejected · ${speed}${target} · ${saved} · ${formatBytes(s.cache_bytes)}`;
+  // lookback checks each forecast run at the computed step that ends it; the probe rejects forecasts
+  const checks = s.acceptance === "lookback" ? `${s.looked_back ?? 0} checked` : `${s.rejected} rejected`;
+  return `${head} · ${checks} · ${speed}${target} · ${saved} · ${formatBytes(s.cache_bytes)}`;
 }
 
 // The chart's geometry: x = evaluation, y = log10 of the error (dots) and of the threshold
@@ -95,6 +97,11 @@ function makePanel() {
 
 function renderChart(panel, stats) {
   const points = chartPoints(stats);
+  panel.title.textContent = stats.acceptance === "lookback"
+    ? "Error of the output forecast, measured at each computed step (dots: green under the tolerance, orange " +
+      "over) against the tolerance (line), log scale"
+    : "Verification error of each checked forecast (dots: green accepted, orange rejected) against its " +
+      "threshold (line), log scale";
   panel.chart.replaceChildren(panel.title);
   if (!points) return;
   const line = document.createElementNS(SVG, "polyline");
