@@ -6,7 +6,8 @@ the reference model, for ComfyUI's samplers, ancestral and SDE ones included.
 
 For each sampler: the same seeds uncached and cached, PSNR of the cached images to the
 uncached ones (all samples together; "inf": identical), compute fraction, steps computed,
-and what accepted forecast steps served (the output forecast, or the block stages' forecasts).
+and what accepted forecast steps served (the output forecast, looked back on or probed, or the
+block stages' forecasts).
 Writes benchmarks/results/samplers_<model>[_<mode>].{json,md}.
 Stochastic samplers draw the same noise in both runs (same seed), so the difference is the
 cache's alone."""
@@ -25,6 +26,14 @@ from .run_benchmark import RESULTS
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
             "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "res_multistep",
             "res_multistep_ancestral", "seeds_2", "sa_solver", "deis", "ipndm", "uni_pc"]
+
+
+def served(runs) -> str:
+    """What the accepted forecast steps of these runs served."""
+    if all(s.get("acceptance") == "lookback" for s in runs):
+        spaces = sorted({s["output_space"] for s in runs})
+        return f"output, lookback ({'/'.join(spaces)} space)"
+    return "output" if all(s["serve_output"] for s in runs) else "stages"
 
 
 def main(argv=None) -> int:
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
                "compute_fraction": round(sum(s["compute_fraction"] for s in runs) / len(runs), 3),
                "computed": sum(s["computed"] for s in runs), "steps": sum(s["steps"] for s in runs),
                "evaluations_per_step": round(sum(s["evaluations"] for s in runs) / sum(s["steps"] for s in runs), 2),
-               "served": "output" if all(s["serve_output"] for s in runs) else "stages"}
+               "served": served(runs)}
         rows.append(row)
         print(f"  [{i + 1}] {sampler}: {row['psnr_db']} dB at compute {row['compute_fraction']} "
               f"({time.time() - started:.0f} s)", flush=True)

@@ -279,8 +279,8 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
 def _stack_usable(ctx, to) -> bool:
     """Block level, unless the run looks back (it forecasts the whole output), or a family's
     between-block model patches are attached: they may read the hidden state, which a
-    forecast step does not compute block by block. Output level for that call then. (ControlNet and VACE residuals do not read it: see
-    ``BlockCall.own_residuals``.)"""
+    forecast step does not compute block by block. Output level for that call then.
+    (ControlNet and VACE residuals do not read it: see ``BlockCall.own_residuals``.)"""
     if ctx.run.config.looks_back:
         ctx.run.stats.mode = "output"
         return False

@@ -7,7 +7,6 @@ else), and the legacy 19-input node that graphs saved before the split still use
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import fields
 
@@ -20,7 +19,6 @@ from ..cache_core.target import mapped_target
 from .adapters import OutputAdapter
 
 _D = CacheConfig()
-log = logging.getLogger("speculative_cache")
 OPTIONS_TYPE = "SPECULATIVE_CACHE_OPTIONS"
 SpeculativeCacheOptionsType = io.Custom(OPTIONS_TYPE)
 

@@ -138,3 +138,7 @@ def test_a_sampler_that_adds_noise_serves_the_stage_forecasts(spec_nodes, stats_
     assert errors[0] == errors[1] == errors[2] < 0.05
     tm.sample(target, "flux", steps=8, sampler="euler")
     assert stats_log[-1]["serve_output"] is True
+    # the node's own target looks back, in model space with such a sampler, and meets its budget
+    tm.sample(simple(spec_nodes, m, mode="speed_target", speed=1.0), "flux", steps=8, sampler=sampler)
+    s = stats_log[-1]
+    assert (s["acceptance"], s["output_space"], s["forecast"] > 0) == ("lookback", "model", True)
