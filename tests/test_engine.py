@@ -721,27 +721,25 @@ def test_lookback_policy_sizes_forecast_runs_from_the_measured_error(core):
     pol = core.Policy(cfg, 30)
     pol.record_full()
     assert pol.decide(1, 0.9).reason == "no_measurement"
+
+    def forecasts_from(first_step):
+        """Decisions from ``first_step`` on, up to the first computed step."""
+        reasons = []
+        for step in range(first_step, first_step + 10):
+            d = pol.decide(step, 0.5)
+            reasons.append(d.reason)
+            if not d.forecast:
+                return reasons
+            assert not d.verify                 # nothing runs on a lookback forecast step
+            pol.record_forecast()
+        return reasons
+
     pol.record_lookback(0.01)
     pol.record_full()
-    taken = []
-    for step in range(2, 6):
-        d = pol.decide(step, 0.5)
-        taken.append(d.reason)
-        if not d.forecast:
-            break
-        assert not d.verify                 # nothing runs on a lookback forecast step
-        pol.record_forecast()
-    assert taken == ["lookback", "lookback", "reach"]
+    assert forecasts_from(2) == ["lookback", "lookback", "reach"]
     pol.record_lookback(0.09)               # measured at d = 3
     pol.record_full()
-    reasons = []
-    for step in range(6, 12):
-        d = pol.decide(step, 0.4)
-        reasons.append(d.reason)
-        if not d.forecast:
-            break
-        pol.record_forecast()
-    assert reasons == ["lookback"] * 3 + ["predicted_reject"]
+    assert forecasts_from(6) == ["lookback"] * 3 + ["predicted_reject"]
     pol.record_lookback(float("nan"))       # a broken measurement: compute until measured again
     pol.record_full()
     assert not pol.decide(12, 0.3).forecast
