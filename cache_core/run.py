@@ -254,9 +254,9 @@ class Chunk:
         against the real output ``real`` (relative norm, the worst stream). The policy takes
         the next forecasts while the error predicted from this one stays under the threshold."""
         run = self.run
-        err = max(relative_norm(p, r) for p, r in zip(self.split(pred), self.split(real)))
-        if not math.isfinite(err):
-            err = float("inf")
+        # max() would pass over a NaN stream, so a non-finite stream counts as infinite first
+        errors = [relative_norm(p, r) for p, r in zip(self.split(pred), self.split(real))]
+        err = max(e if math.isfinite(e) else float("inf") for e in errors)
         run._eval_lookback = err if run._eval_lookback is None else max(run._eval_lookback, err)
         run.stats.looked_back += 1
         tau = run.threshold()

@@ -795,3 +795,15 @@ def test_lookback_takes_the_worst_stream(core):
         return torch.cat([line * (1 + t), line * math.cos(40 * t)])
     stats, _ = _lookback_run(core, cfg, trajectory)
     assert stats.forecast <= 1 and min(e[2] for e in stats.errors) > 0.01
+
+
+def test_lookback_counts_a_non_finite_stream_as_infinite(core):
+    """max() over [0.0, nan] is 0.0: a stream whose forecast is not finite must not hide."""
+    run = core.SpeculativeRun(core.CacheConfig(acceptance="lookback", threshold=0.1, order=1), 10)
+    run.begin_evaluation(1.0, 0)
+    chunk = run.chunk(["cond", "uncond"], 2, units_full=1)
+    real = torch.ones(2, 4)
+    pred = real.clone()
+    pred[1] = float("nan")
+    assert chunk.look_back(pred, real) == float("inf")
+    assert run.stats.errors[-1][2] == float("inf") and not run.stats.errors[-1][4]
