@@ -87,14 +87,14 @@ class Policy:
             return full("no_history")
         if self.force_full_next:
             return full("after_reject")
-        if c.acceptance == "lookback":
-            return self._decide_lookback(step_index)
         if not c.verifies:
             if self.forecasts_since_full >= self.max_forecasts:
                 return full("interval")
             return Decision(StepMode.FORECAST, False, "interval")
         if self.forecasts_since_full >= self.max_forecasts:
             return full("max_forecast")
+        if c.acceptance == "lookback":
+            return self._decide_lookback(step_index)
         verify = self.forecasts_since_full >= c.unverified_forecasts
         if verify and self.forecasts_since_full == 0:
             if c.backoff and self.cooldown > 0:
@@ -122,8 +122,6 @@ class Policy:
         full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
         if self.lookback is None:
             return full("no_measurement")
-        if self.forecasts_since_full >= self.max_forecasts:
-            return full("max_forecast")
         d = self.forecasts_since_full + 1
         if d > 2 * self.lookback_reach:
             return full("reach")
