@@ -114,16 +114,18 @@ class Serving:
         self.sampler_seen = True
         if not adds_noise(sampler):
             return
+        consequence = None
         if self.speed_target:
-            warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast "
-                      "follows: a speed target meets its budget here with visibly changed pictures (3x on the "
-                      "reference model: 10-30 dB PSNR to the uncached picture, 32-48 dB with deterministic "
-                      "samplers). Mode auto measures that and computes (the same picture, no speed-up with "
-                      "such a sampler); or use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
-        if self.looks_back and not self.speed_target:
-            warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast "
-                      "follows: lookback measures that and computes nearly every step (no speed-up, the "
-                      "picture unchanged). Use a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
+            consequence = ("a speed target meets its budget here with visibly changed pictures (3x on the "
+                           "reference model: 10-30 dB PSNR to the uncached picture, 32-48 dB with deterministic "
+                           "samplers). Mode auto measures that and computes (the same picture, no speed-up with "
+                           "such a sampler); or use")
+        elif self.looks_back:
+            consequence = ("lookback measures that and computes nearly every step (no speed-up, the picture "
+                           "unchanged). Use")
+        if consequence:
+            warn_once("Speculative Cache: this sampler adds fresh noise at every step, which no forecast follows: "
+                      f"{consequence} a deterministic sampler such as euler, dpmpp_2m or uni_pc.")
         if self.serve_output or self.space.noise:
             log.info("Speculative Cache: the sampler adds noise at each step; "
                      + ("forecasting the model output as it is, not the noise it implies." if self.looks_back
