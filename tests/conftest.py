@@ -88,6 +88,21 @@ def cached(spec_nodes, model, **settings):
     return spec_nodes.SpeculativeCache.execute(model, **settings).result[0]
 
 
+def simple(spec_nodes, model, **inputs):
+    """``model`` through the main Speculative Cache node with these inputs."""
+    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
+
+
+def options(spec_nodes, **inputs):
+    """A Speculative Cache Options node's output with these inputs."""
+    return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]
+
+
+def config_of(patched):
+    """The CacheConfig a patched model carries."""
+    return patched.model_options["transformer_options"]["speculative_cache"].config
+
+
 def live_tensor_count() -> int:
     """Tensors alive in the process (after a collection)."""
     import gc

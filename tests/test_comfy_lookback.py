@@ -12,21 +12,9 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
-from conftest import live_tensor_count
+from conftest import config_of, live_tensor_count, options, simple
 
 pytestmark = pytest.mark.comfy
-
-
-def simple(spec_nodes, model, **inputs):
-    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
-
-
-def config_of(patched):
-    return patched.model_options["transformer_options"]["speculative_cache"].config
-
-
-def options(spec_nodes, **values):
-    return spec_nodes.SpeculativeCacheOptions.execute(**values).result[0]
 
 
 def test_lookback_on_the_reference_model(spec_nodes, stats_log):

@@ -12,12 +12,9 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import simple
 
 pytestmark = pytest.mark.comfy
-
-
-def simple(spec_nodes, model, **inputs):
-    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
 
 
 def with_engine(patched, **fields):

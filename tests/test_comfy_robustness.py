@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import tiny_models as tm
+from conftest import simple
 
 pytestmark = pytest.mark.comfy
 
@@ -30,10 +31,6 @@ OWN_STEPS = {"dpm_fast", "dpm_adaptive"}
 @pytest.fixture(scope="module")
 def flux(spec_nodes):
     return tm.build("flux", seed=3)
-
-
-def simple(spec_nodes, model, **inputs):
-    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

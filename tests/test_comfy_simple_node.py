@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import comfy_env
 from benchmarks import tiny_models as tm
+from conftest import config_of, options, simple
 
 pytestmark = pytest.mark.comfy
 
@@ -26,18 +27,6 @@ def inputs_mod(spec_nodes):
 @pytest.fixture(scope="module")
 def flux(spec_nodes):
     return tm.build("flux", seed=3)
-
-
-def config_of(patched):
-    return patched.model_options["transformer_options"]["speculative_cache"].config
-
-
-def simple(spec_nodes, model, **inputs):
-    return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
-
-
-def options(spec_nodes, **inputs):
-    return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]
 
 
 def test_main_node_has_six_inputs_and_a_slider_that_does_something_everywhere(spec_nodes, inputs_mod):
