@@ -74,7 +74,9 @@ def main(argv=None) -> int:
         mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
         print(f"{label:24s} compute {compute:.3f}  PSNR {rm.psnr(images, reference):6.2f} dB "
               f"(per-picture mean {mean:6.2f})  "
-              f"{runs[0]['timeline'] if runs else ''}", flush=True)
+              f"{runs[0]['timeline'] if runs else ''}"
+              + (f"  corrected {sum(s['corrected'] for s in runs)} ({runs[0]['correction']})"
+                 if runs and runs[0].get("correction") else ""), flush=True)
     return 0
 
 

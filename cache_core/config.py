@@ -58,6 +58,11 @@ class CacheConfig:
     # forecast of its own output was (relative norm), and the next forecasts are taken while
     # the error predicted from that measurement stays under the threshold (policy.py).
     acceptance: str = "probe"
+    # Lookback runs with an Euler sampler: at each computed step, re-estimate the forecast
+    # steps since the last one by interpolation (this degree: 1 linear, 2 quadratic through
+    # one more computed step) and let this step's update carry the difference (correction.py).
+    # 0 turns it off.
+    trajectory_correction: int = 0
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0
@@ -116,6 +121,8 @@ class CacheConfig:
             problems.append(f"acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
         elif self.acceptance == "lookback" and self.method != "speca":
             problems.append(f"acceptance 'lookback' verifies forecasts, so it needs method 'speca', got {self.method!r}")
+        if self.trajectory_correction not in (0, 1, 2):
+            problems.append(f"trajectory_correction must be 0 (off), 1 or 2, got {self.trajectory_correction!r}")
         if self.output_space not in SPACES:
             problems.append(f"output_space must be one of {SPACES}, got {self.output_space!r}")
         if self.granularity not in GRANULARITIES:

@@ -105,6 +105,10 @@ class SpeculativeRun:
         if self._eval_outcome is None or self._RANK[outcome] > self._RANK[self._eval_outcome]:
             self._eval_outcome = outcome
 
+    def current_outcome(self) -> str | None:
+        """The current evaluation's outcome so far (its worst chunk), None before any chunk."""
+        return self._eval_outcome
+
     def end_evaluation(self) -> None:
         """Book the current evaluation (also done by the next ``begin_evaluation``)."""
         outcome, self._eval_outcome = self._eval_outcome, None

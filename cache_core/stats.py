@@ -19,6 +19,8 @@ class RunStats:
     verified: int = 0           # forecasts checked against a real block
     looked_back: int = 0        # lookback acceptance: computed steps that measured the output forecast's error
     acceptance: str = "probe"   # how forecasts were accepted: "probe" or "lookback"
+    corrected: int = 0          # computed steps whose update carried the trajectory correction
+    correction: str = ""        # the trajectory correction: "" not asked, "on", or why it turned off
     rejected: int = 0           # forecasts that failed verification
     nonfinite: int = 0          # forecasts that were not finite (fell back to full)
     streams: int = 0            # distinct streams (cond/uncond entries) seen
@@ -86,6 +88,7 @@ class RunStats:
             "computed": steps["computed"], "forecast": steps["forecast"],
             "verified": self.verified, "rejected": self.rejected,
             "acceptance": self.acceptance, "looked_back": self.looked_back,
+            "correction": self.correction, "corrected": self.corrected,
             "evaluations": self.evaluations, "eval_computed": self.computed, "eval_forecast": self.forecast,
             "nonfinite": self.nonfinite, "streams": self.streams,
             "compute_fraction": round(self.compute_fraction, 4),

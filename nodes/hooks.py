@@ -23,7 +23,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, edit_region, guard, memory, model_weights
+from . import blockwise, edit_region, guard, memory, model_weights, trajectory
 from .output_space import MODEL_SPACE, OutputSpace, Serving, look_back
 from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
                        select_adapter, warn_once)
@@ -94,6 +94,7 @@ class RunContext:
         self.block_patches = None       # the block patches on the model when the run started
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
+        self.correction = None          # the trajectory correction (trajectory.py), or None
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)
@@ -151,6 +152,7 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     ctx.base_model = guider.model_patcher.model
     ctx.serving = Serving(run, model_sampling)
     ctx.serving.report(run.stats)
+    ctx.correction = trajectory.for_run(config, model_sampling)
     if ctx.stack_ok:
         ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)
     return ctx
@@ -172,6 +174,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             return executor(*args, **kwargs)
     finally:
         ctx.active = None
+        trajectory.report(ctx)
         ctx.run.close()
         stats = ctx.stamp()
         log.info(stats.summary_line())
@@ -541,6 +544,7 @@ def install(model, settings: CacheSettings, adapter=None):
     m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    trajectory.install(m)
 
     if adapter is None:
         adapter = select_adapter(m.get_model_object("diffusion_model"))

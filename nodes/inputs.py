@@ -118,6 +118,12 @@ ADVANCED = {
         "step_weighting", default=_D.step_weighting,
         tooltip="Scale each step's threshold by the sampler's step size (lenient on small early steps, "
                 "strict on the large last ones)."),
+    "trajectory_correction": lambda: io.Boolean.Input(
+        "trajectory_correction", default=True,
+        tooltip="Modes auto and speed_target, with an Euler sampler (euler, ddim): at each computed step, "
+                "re-estimate the forecast steps since the last one by interpolation and let this step carry "
+                "the difference (closer to the uncached picture at the same speed). Other samplers turn it "
+                "off by themselves."),
     "memory_budget_mb": lambda: io.Int.Input(
         "memory_budget_mb", default=0, min=0, max=1 << 20,
         tooltip="Most memory the forecast history may take, in MiB. 0: 40 % of the free memory of the "
@@ -137,7 +143,7 @@ LEGACY_ORDER = ["preset", "method", "threshold", "forecaster", "order", "warmup_
 OPTIONS_ORDER = ["family", "method", "forecaster", "order", "warmup_steps", "max_forecast_steps",
                  "final_full_steps", "on_reject", "metric", "threshold_decay", "threshold_floor",
                  "storage_dtype", "granularity", "clusters", "gamma", "step_weighting", "max_overhead",
-                 "threshold_override", "memory_budget_mb"]
+                 "threshold_override", "memory_budget_mb", "trajectory_correction"]
 
 
 def legacy_inputs():
@@ -159,8 +165,10 @@ MODES = ("auto", "probe", "speed_target", *PAPER.keys())
 BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relative_l1": 7.0}
 # auto (lookback acceptance): speed 0.5 accepts a predicted 4 % error of the model output
 # (tuned on both reference models, 8 samples: README, "Lookback").
-LOOKBACK_THRESHOLD = 0.04
+LOOKBACK_THRESHOLD = 0.063
 SPEED_TARGET_ORDER = 1
+# The trajectory correction of lookback runs: quadratic interpolation (cache_core/correction.py).
+CORRECTION_DEGREE = 2
 PAPER_BASE_THRESHOLD = {"paper_flux": 7.0, "paper_hunyuan_video": 1.0}
 # speed 0 -> off; speed -> 0+: base / 5; 0.5: base; 1: base x 10 (0.02 .. 0.1 .. 1.0 for
 # relative_norm, the range where the threshold changes what a run does).
@@ -213,6 +221,7 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     preset = opts.pop("preset")
     override = float(opts.pop("threshold"))
     opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
+    correct = bool(opts.pop("trajectory_correction"))
     values = dict(opts, start_percent=start_percent, end_percent=end_percent)
     if mode in PAPER:
         preset = mode
@@ -235,10 +244,10 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
             values["order"] = SPEED_TARGET_ORDER
     config = _finish(preset, family, values)
     if mode == "auto":
-        config = _lookback_schedule(config, opts)
+        config = _lookback_schedule(config, opts, correct)
         what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
     elif mode == "speed_target":
-        config = _speed_target_schedule(config, opts, looks_back)
+        config = _speed_target_schedule(config, opts, looks_back, correct)
         what = (f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
                 f" ({'lookback' if looks_back else 'probe'})")
     elif family == OutputAdapter.family and mode == "probe":
@@ -252,13 +261,14 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     return config, what
 
 
-def _lookback_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
+def _lookback_schedule(config: CacheConfig, opts: dict, correct: bool = True) -> CacheConfig:
     """auto: lookback acceptance. The whole model output is forecast, as the noise it implies
     for flow models, with a linear polynomial, and each step's tolerance weighted by its size in
     sigma (what the Options node leaves at its defaults). On the reference models (8 samples)
     order 1 and the weighting were the best of what was tried (README, "Lookback")."""
     changes = {"acceptance": "lookback", "output_space": "noise",
-               "max_forecast_steps": opts["max_forecast_steps"]}      # not a family preset's cap
+               "max_forecast_steps": opts["max_forecast_steps"],      # not a family preset's cap
+               "trajectory_correction": CORRECTION_DEGREE if correct else 0}
     if opts["order"] == OPTIONS_DEFAULTS["order"]:
         changes["order"] = 1
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
@@ -266,7 +276,7 @@ def _lookback_schedule(config: CacheConfig, opts: dict) -> CacheConfig:
     return dataclasses.replace(config, **changes)
 
 
-def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool) -> CacheConfig:
+def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool, correct: bool = True) -> CacheConfig:
     """A speed target's schedule, for what the Options node leaves at its defaults: warm-up
     only as long as the forecast needs points (order + 1), so the budget goes to the
     schedule, and the threshold weighted by each step's size in sigma, so the forecasts a
@@ -283,7 +293,9 @@ def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool) ->
     asked for it), the forecast of the model output itself is served on accepted steps (the
     stage forecasts still feed the probe): on the 19-block model +1.6 dB at 3x and +2.3 dB at
     4x, on the 6-block model +2.8 dB at 2x, -0.6 dB at 3x (README, diagnosis)."""
-    changes = {"acceptance": "lookback", "output_space": "noise"} if looks_back else {"serve_output": True}
+    changes = ({"acceptance": "lookback", "output_space": "noise",
+                "trajectory_correction": CORRECTION_DEGREE if correct else 0}
+               if looks_back else {"serve_output": True})
     if opts["warmup_steps"] == OPTIONS_DEFAULTS["warmup_steps"]:
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:

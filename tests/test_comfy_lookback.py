@@ -92,11 +92,45 @@ def test_lookback_settings_and_what_the_options_node_changes(spec_nodes):
     m = tm.build("flux", seed=3)
     c = config_of(simple(spec_nodes, m))
     assert (c.acceptance, c.output_space, c.order, c.step_weighting, c.method) == ("lookback", "noise", 1, True, "speca")
-    assert c.threshold == pytest.approx(0.04) and c.looks_back
-    assert config_of(simple(spec_nodes, m, speed=1.0)).threshold == pytest.approx(0.4)
+    assert c.threshold == pytest.approx(0.063) and c.looks_back and c.trajectory_correction == 2
+    assert config_of(simple(spec_nodes, m, speed=1.0)).threshold == pytest.approx(0.63)
+    assert config_of(simple(spec_nodes, m, options=options(spec_nodes, trajectory_correction=False))
+                     ).trajectory_correction == 0
+    target = config_of(simple(spec_nodes, m, mode="speed_target"))
+    assert target.looks_back and target.trajectory_correction == 2
     assert config_of(simple(spec_nodes, m, options=options(spec_nodes, order=3))).order == 3
     # what only the probe does: another method, block granularity, a probe metric
     for asked in (dict(method="taylorseer"), dict(granularity="block"), dict(metric="relative_change")):
         c = config_of(simple(spec_nodes, m, options=options(spec_nodes, **asked)))
-        assert c.acceptance == "probe" and not c.looks_back, asked
+        assert c.acceptance == "probe" and not c.looks_back and c.trajectory_correction == 0, asked
     assert config_of(simple(spec_nodes, m, mode="probe")).acceptance == "probe"
+
+
+def test_trajectory_correction_with_euler_and_off_for_other_samplers(spec_nodes, stats_log):
+    """The reference model with euler: the computed steps after forecasts carry the correction
+    and the picture is closer to the uncached one than the same schedule's without it (the
+    Options switch). dpmpp_2m takes no Euler steps: the correction turns off before its first
+    use, with the reason in the stats, and the pictures equal those of the switch turned off."""
+    from benchmarks import reference_model as rm
+    model = rm.load_reference()
+    labels, seeds = [0, 1], [1000, 1001]
+    uncached = rm.sample(model, labels, seeds, steps=28)
+    corrected = rm.sample(simple(spec_nodes, model), labels, seeds, steps=28)
+    on = stats_log[-2:]
+    plain = rm.sample(simple(spec_nodes, model, options=options(spec_nodes, trajectory_correction=False)),
+                      labels, seeds, steps=28)
+    off = stats_log[-2:]
+    for s in on:
+        assert s["correction"] == "on" and s["corrected"] >= 5 and not s["internal_error"]
+    assert all(s["correction"] == "" and s["corrected"] == 0 for s in off)
+    # (the correction moves x, so the schedules may differ: compare per computed step)
+    gain = rm.psnr(corrected, uncached) - rm.psnr(plain, uncached)
+    per_step = (sum(s["compute_fraction"] for s in on) - sum(s["compute_fraction"] for s in off)) / 2
+    assert gain > 2.0 and per_step < 0.05, (gain, per_step)
+
+    with_2m = rm.sample(simple(spec_nodes, model), labels, seeds, steps=28, sampler="dpmpp_2m")
+    for s in stats_log[-2:]:
+        assert s["corrected"] == 0 and "not an Euler step" in s["correction"] and s["forecast"] > 0
+    plain_2m = rm.sample(simple(spec_nodes, model, options=options(spec_nodes, trajectory_correction=False)),
+                         labels, seeds, steps=28, sampler="dpmpp_2m")
+    assert torch.equal(with_2m, plain_2m)
