@@ -87,8 +87,12 @@ def focus_grid(plan) -> list[Method]:
 
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
     # auto (lookback acceptance) along the speed slider
-    for speed in (0.3, 0.4, 0.55, 0.62, 0.75, 1.0):
+    for speed in (0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0):
         grid.append(Method("speca", {"acceptance": "lookback", "speed": speed}, main_node(speed=speed)))
+    # the same without the trajectory correction (the Options switch)
+    for speed in (0.5, 0.75):
+        grid.append(Method("speca", {"acceptance": "lookback", "speed": speed, "trajectory_correction": False},
+                           main_node(speed=speed, options={"trajectory_correction": False})))
     # the probe (SpeCa's per-step check; the node's default before lookback)
     grid.append(Method("speca", {"mode": "probe", "speed": 0.5}, main_node(mode="probe")))
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
@@ -267,7 +271,7 @@ def run_method(workload: Workload, method: Method, probe: Probe, images_ref=None
     patched = method.apply(workload.model).clone()
     patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "bench_probe", probe.calc_cond_batch_probe)
     outputs, seconds, macs, verified, cache_bytes = [], 0.0, 0, 0, 0
-    last_block_macs, acceptance = 0, ""
+    last_block_macs, acceptance, corrected = 0, "", 0
     for positive, negative, seed in workload.samples:
         probe.macs.total, probe.macs.by_block = 0, {}
         probe.holder_bytes = 0
@@ -284,6 +288,7 @@ def run_method(workload: Workload, method: Method, probe: Probe, images_ref=None
             s = probe.our_stats[-1]
             verified += s["verified"]
             acceptance = s.get("acceptance", "")
+            corrected += s.get("corrected", 0)
             cache_bytes = max(cache_bytes, s["cache_bytes"])
         if fbcache_outer_sample.last:
             cache_bytes = max(cache_bytes, fbcache_outer_sample.last["cache_bytes"])
@@ -292,7 +297,7 @@ def run_method(workload: Workload, method: Method, probe: Probe, images_ref=None
     images = [workload.decode(o) if workload.decode else o for o in outputs]
     row = {"method": method.method, "settings": method.settings, "seconds": seconds, "macs": macs,
            "cache_bytes": cache_bytes, "verified": verified, "last_block_macs_per_run": last_block_macs,
-           "acceptance": acceptance}
+           "acceptance": acceptance, "corrected": corrected}
     if images_ref is not None:
         peak = 1.0 if workload.decode else max(float(r.abs().max()) for r in images_ref) * 2
         row["psnr_db"] = sum(min(psnr(a, b, peak), 100.0) for a, b in zip(images, images_ref)) / len(images)

@@ -6,8 +6,8 @@ the reference model, for ComfyUI's samplers, ancestral and SDE ones included.
 
 For each sampler: the same seeds uncached and cached, PSNR of the cached images to the
 uncached ones (all samples together; "inf": identical), compute fraction, steps computed,
-and what accepted forecast steps served (the output forecast, looked back on or probed, or the
-block stages' forecasts).
+what accepted forecast steps served (the output forecast, looked back on or probed, or the
+block stages' forecasts) and whether the trajectory correction ran (Euler steps only).
 Writes benchmarks/results/samplers_<model>[_<mode>].{json,md}.
 Stochastic samplers draw the same noise in both runs (same seed), so the difference is the
 cache's alone."""
@@ -34,6 +34,15 @@ def served(runs) -> str:
         spaces = sorted({s["output_space"] for s in runs})
         return f"output, lookback ({'/'.join(spaces)} space)"
     return "output" if all(s["serve_output"] for s in runs) else "stages"
+
+
+def correction(runs) -> str:
+    """The trajectory correction in these runs: how many steps it corrected, or why it was off."""
+    states = sorted({s.get("correction", "") for s in runs})
+    corrected = sum(s.get("corrected", 0) for s in runs)
+    if states == ["on"]:
+        return f"on ({corrected} steps)"
+    return "; ".join(x or "not asked" for x in states)
 
 
 def main(argv=None) -> int:
@@ -74,7 +83,7 @@ def main(argv=None) -> int:
                "compute_fraction": round(sum(s["compute_fraction"] for s in runs) / len(runs), 3),
                "computed": sum(s["computed"] for s in runs), "steps": sum(s["steps"] for s in runs),
                "evaluations_per_step": round(sum(s["evaluations"] for s in runs) / sum(s["steps"] for s in runs), 2),
-               "served": served(runs)}
+               "served": served(runs), "correction": correction(runs)}
         rows.append(row)
         print(f"  [{i + 1}] {sampler}: {row['psnr_db']} dB at compute {row['compute_fraction']} "
               f"({time.time() - started:.0f} s)", flush=True)
@@ -87,11 +96,13 @@ def main(argv=None) -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"Model `{args.model}`, {args.samples} samples, {args.steps} steps, cfg 2, {node}, "
              f"ComfyUI {result['comfyui']}.", "",
-             "| sampler | PSNR dB to uncached | compute fraction | steps computed | evaluations per step | served |",
-             "|---|---|---|---|---|---|"]
+             "| sampler | PSNR dB to uncached | compute fraction | steps computed | evaluations per step | served | "
+             "trajectory correction |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['psnr_db']:.2f} | {r['compute_fraction']:.3f} | "
-                     f"{r['computed']}/{r['steps']} | {r['evaluations_per_step']} | {r['served']} |")
+                     f"{r['computed']}/{r['steps']} | {r['evaluations_per_step']} | {r['served']} | "
+                     f"{r['correction']} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / name}.json/.md")
     return 0

@@ -1,27 +1,29 @@
 """Interpolating correction of an Euler trajectory (the "corrector" of forecast, then verify).
 
-Between two computed steps k and i, the sampler moved x with forecasts: an extrapolation
-from the computed steps before. At step i the real output is known, so each forecast step j
-in between can be re-estimated by *interpolation* (the computed points on both sides of j),
-which is far more accurate than the extrapolation that was used (for a linear forecast at
-distance d from steps h apart the error is about d (d + h) / 2 f''; interpolating between
-points a and b it is (t - a)(b - t) / 2 f''). An Euler sampler moved x by
+Between two computed steps k and i the sampler moved x with forecasts, extrapolated from the
+computed steps before k. At step i the real output is known, so each forecast step j in
+between can be re-estimated by *interpolation* between computed points on both sides of it
+(a linear forecast at distance d from points h apart misses by about d (d + h) / 2 f''; an
+interpolation between points a and b by (t - a)(b - t) / 2 f''). Here: a quadratic through
+the two computed steps before the streak and step i, in the noise the output implies (eps =
+x + (1 - sigma) d for flow models, as the lookback forecasts; d = (x - denoised) / sigma,
+the noise prediction, for others).
 
-    x_i = x_k + sum_j (sigma_j+1 - sigma_j) d_j,        d = (x - denoised) / sigma,
-
-so the better estimates move x_i by c = sum_j (sigma_j+1 - sigma_j) (d~_j - d^_j). No step
-can be redone, but step i's own update can carry c: serving
+An Euler step x' = x + (sigma' - sigma) d is linear in the value y the forecast gave, so
+the gap between where x is and where the interpolated values would have taken it is a sum
+over the streak, each step's difference carried through the later steps. How an error of
+x carries through a step depends on how the real model answers it; the carry used is that
+of a denoiser whose output does not follow the error (x' - x*' = (sigma' / sigma)(x - x*)),
+the best of the models tried (see ``_alpha_beta``). The same assumption says that the real
+output at i, computed at the x the forecasts left, carries part of the gap itself, which is
+solved for (``_computed``). No step can be redone, but step i's own update can carry the
+gap: serving
 
     denoised'_i = denoised_i - sigma_i c / (sigma_i+1 - sigma_i)
 
-makes the sampler's next x the one the interpolated forecasts would have given. (The real
-output at i was computed at the uncorrected x_i; that difference is of second order.)
+moves the sampler's next x by c.
 
-The forecasts and the interpolation live in the noise the output implies (``flow``:
-rectified flow, eps = x + (1 - sigma) d, as the forecasts of the model output do, see
-output_space.py; other models: d, which is their noise prediction).
-
-This is exact only for samplers whose step is x + (sigma_next - sigma) d with the denoised
+This is right only for samplers whose step is x + (sigma_next - sigma) d with the denoised
 output they were given. That is checked at every evaluation from the x the sampler comes
 back with (an exact relation in the sampler's own arithmetic); the first mismatch (Heun,
 multistep and SDE samplers, inpainting's masked latents, another node changing the
@@ -150,11 +152,11 @@ class TrajectoryCorrection:
                 carried *= 1.0 + beta
             interpolated = sum(a * e for a, (_, e) in zip(coefficients, nodes))
             gap = interpolated - self._forecast_sum       # where x should be, minus where it is
-            # The real value at this step was computed at the x the forecasts left, off by -gap.
-            # A denoiser that reads such a deviation as noise (its denoised output does not move)
-            # puts gap / sigma into the implied noise (and into d), and the interpolation passes
-            # coefficients[-1] of that on; solving for the unbiased gap:
-            gap = gap / (1.0 - coefficients[-1] / sigma)
+            # The real value at this step was computed at the x the forecasts left, x* - gap. For
+            # a denoiser whose output does not follow that deviation the implied noise (and d) is
+            # off by -gap / sigma, and the interpolation passed coefficients[-1] of it on; solving
+            # for the gap with this node unbiased (coefficients[-1] < 0 here: this only damps):
+            gap = gap / max(1.0, 1.0 - coefficients[-1] / sigma)
             # carried through this step's own update, then given to the sampler as a change of
             # the denoised output (x' = x + (sigma' - sigma)(x - denoised) / sigma)
             shift = gap * (1.0 + self._alpha_beta(sigma, sigma_next)[1])
@@ -168,6 +170,14 @@ class TrajectoryCorrection:
         self._streak_ok = True
         return served
 
+    def forget(self) -> None:
+        """Start the interpolation over (the model's weights changed: LoRA hook keyframes); the
+        Euler check goes on."""
+        self._nodes = []
+        self._forecast_sum = None
+        self._forecast_steps = []
+        self._streak_ok = True
+
     def _turn_off(self, reason: str) -> None:
         self.active = False
         self.off_reason = reason
@@ -176,9 +186,7 @@ class TrajectoryCorrection:
     def release(self) -> None:
         """Drop every tensor (the run ended, or the correction turned off)."""
         self._previous = None
-        self._nodes = []
-        self._forecast_sum = None
-        self._forecast_steps = []
+        self.forget()
 
 
 __all__ = ["TrajectoryCorrection"]

@@ -95,6 +95,7 @@ class RunContext:
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
         self.correction = None          # the trajectory correction (trajectory.py), or None
+        self.correction_weights = 0     # the run's weight changes the correction has seen
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)

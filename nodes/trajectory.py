@@ -33,6 +33,10 @@ def post_cfg(args):
         return denoised
     run = ctx.run
     try:
+        if run.stats.weight_changes != ctx.correction_weights:
+            # LoRA hook keyframes changed the weights: the steps before are of another model
+            ctx.correction_weights = run.stats.weight_changes
+            correction.forget()
         step = run.step_index
         sigmas = ctx.sample_sigmas
         sigma_next = sigmas[step + 1] if 0 <= step < len(sigmas) - 1 else None
@@ -44,8 +48,15 @@ def post_cfg(args):
         correction.active = False
         correction.off_reason = f"error: {type(e).__name__}"
         correction.release()
-        return denoised
+        served = denoised
+    _book(ctx)
     return served
+
+
+def _book(ctx) -> None:
+    stats, correction = ctx.run.stats, ctx.correction
+    stats.corrected = correction.corrected
+    stats.correction = "on" if correction.active else correction.off_reason
 
 
 def report(ctx) -> None:
@@ -53,9 +64,7 @@ def report(ctx) -> None:
     correction = getattr(ctx, "correction", None)
     if correction is None:
         return
-    stats = ctx.run.stats
-    stats.corrected = correction.corrected
-    stats.correction = "on" if correction.active else correction.off_reason
+    _book(ctx)
     correction.release()
 
 

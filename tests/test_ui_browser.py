@@ -105,6 +105,8 @@ def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
     assert computed + forecast_cells == STEPS
     # auto looks back: the summary counts the computed steps that checked the forecasts before them
     assert "checked" in text and "x" in text and "MB" in text and "saved" in text
+    # euler: the computed steps after forecasts corrected the path the forecasts took
+    assert "corrected" in text
     # the chart: one dot per check, green under the tolerance / orange over, under a threshold line
     dots = page.locator(".speculative-cache-chart .speculative-cache-error")
     assert dots.count() > 0 and page.locator(".speculative-cache-chart .speculative-cache-threshold").count() == 1

@@ -49,7 +49,9 @@ export function summaryText(s) {
   const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x)` : "";
   const saved = `≈ ${formatSeconds(Number(s.saved_seconds))} saved`;
   // lookback checks each forecast run at the computed step that ends it; the probe rejects forecasts
-  const checks = s.acceptance === "lookback" ? `${s.looked_back ?? 0} checked` : `${s.rejected} rejected`;
+  let checks = s.acceptance === "lookback" ? `${s.looked_back ?? 0} checked` : `${s.rejected} rejected`;
+  // computed steps whose update also corrected the path the forecasts took (Euler samplers)
+  if (s.corrected) checks += `, ${s.corrected} corrected`;
   return `${head} · ${checks} · ${speed}${target} · ${saved} · ${formatBytes(s.cache_bytes)}`;
 }
 
