@@ -63,6 +63,9 @@ class CacheConfig:
     # one more computed step) and let this step's update carry the difference (correction.py).
     # 0 turns it off.
     trajectory_correction: int = 0
+    # The lookback tolerance is multiplied by this when the run asked for the trajectory
+    # correction but its sampler takes no Euler steps (the tolerance was tuned with it).
+    uncorrected_threshold_scale: float = 1.0
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0
@@ -123,6 +126,8 @@ class CacheConfig:
             problems.append(f"acceptance 'lookback' verifies forecasts, so it needs method 'speca', got {self.method!r}")
         if self.trajectory_correction not in (0, 1, 2):
             problems.append(f"trajectory_correction must be 0 (off), 1 or 2, got {self.trajectory_correction!r}")
+        if not (0.0 < self.uncorrected_threshold_scale <= 1.0):
+            problems.append(f"uncorrected_threshold_scale must be in (0, 1], got {self.uncorrected_threshold_scale}")
         if self.output_space not in SPACES:
             problems.append(f"output_space must be one of {SPACES}, got {self.output_space!r}")
         if self.granularity not in GRANULARITIES:

@@ -52,6 +52,7 @@ class SpeculativeRun:
         if config.target_speedup >= 1.0 and config.verifies and config.enabled:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
+        self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (correction_unavailable)
         self._allowed = None        # the speed target's allowed cost for this evaluation
         self.step_index = 0
         self.time = float("nan")
@@ -96,7 +97,12 @@ class SpeculativeRun:
             tau *= self.step_scales[step]
         if self.target is not None:
             tau *= self.target.scale
-        return tau
+        return tau * self.tolerance_scale
+
+    def correction_unavailable(self) -> None:
+        """The run asked for the trajectory correction and its sampler cannot have it: the
+        tolerance falls back to what suits forecasts that stand uncorrected."""
+        self.tolerance_scale = self.config.uncorrected_threshold_scale
 
     _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
 

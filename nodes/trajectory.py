@@ -57,6 +57,8 @@ def _book(ctx) -> None:
     stats, correction = ctx.run.stats, ctx.correction
     stats.corrected = correction.corrected
     stats.correction = "on" if correction.active else correction.off_reason
+    if not correction.active:
+        ctx.run.correction_unavailable()
 
 
 def report(ctx) -> None:

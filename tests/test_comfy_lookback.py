@@ -110,7 +110,8 @@ def test_trajectory_correction_with_euler_and_off_for_other_samplers(spec_nodes,
     """The reference model with euler: the computed steps after forecasts carry the correction
     and the picture is closer to the uncached one than the same schedule's without it (the
     Options switch). dpmpp_2m takes no Euler steps: the correction turns off before its first
-    use, with the reason in the stats, and the pictures equal those of the switch turned off."""
+    use, with the reason in the stats, and the tolerance falls back to 4 %: the pictures equal
+    those of the switch turned off with that tolerance set exactly."""
     from benchmarks import reference_model as rm
     model = rm.load_reference()
     labels, seeds = [0, 1], [1000, 1001]
@@ -131,6 +132,13 @@ def test_trajectory_correction_with_euler_and_off_for_other_samplers(spec_nodes,
     with_2m = rm.sample(simple(spec_nodes, model), labels, seeds, steps=28, sampler="dpmpp_2m")
     for s in stats_log[-2:]:
         assert s["corrected"] == 0 and "not an Euler step" in s["correction"] and s["forecast"] > 0
-    plain_2m = rm.sample(simple(spec_nodes, model, options=options(spec_nodes, trajectory_correction=False)),
+        # the last step's tolerance: 4 % where the euler run had 6.3 % (the same step weight)
+        last, last_euler = s["errors"][-1], on[0]["errors"][-1]
+        assert last[1] == pytest.approx(last_euler[1]) and last[3] / last_euler[3] == pytest.approx(0.04 / 0.063)
+    plain_2m = rm.sample(simple(spec_nodes, model, options=options(spec_nodes, trajectory_correction=False,
+                                                                   threshold=0.04)),
                          labels, seeds, steps=28, sampler="dpmpp_2m")
     assert torch.equal(with_2m, plain_2m)
+    # an exact tolerance set on the Options node stays exact
+    assert config_of(simple(spec_nodes, model, options=options(spec_nodes, threshold=0.05))
+                     ).uncorrected_threshold_scale == 1.0

@@ -63,7 +63,8 @@ def test_probe_defaults_are_the_legacy_nodes_defaults_and_auto_looks_back(spec_n
     assert auto == config_of(simple(spec_nodes, flux, options=options(spec_nodes)))
     assert auto.threshold == pytest.approx(inputs_mod.LOOKBACK_THRESHOLD)
     assert auto == dataclasses.replace(legacy, acceptance="lookback", output_space="noise", order=1,
-                                       step_weighting=True, threshold=auto.threshold, trajectory_correction=2)
+                                       step_weighting=True, threshold=auto.threshold, trajectory_correction=2,
+                                       uncorrected_threshold_scale=inputs_mod.UNCORRECTED_THRESHOLD / inputs_mod.LOOKBACK_THRESHOLD)
 
 
 def test_speed_zero_is_bit_identical(spec_nodes, flux, stats_log):

@@ -882,3 +882,11 @@ def test_config_validates_trajectory_correction(core):
     assert core.CacheConfig(trajectory_correction=2).trajectory_correction == 2
     with pytest.raises(ValueError, match="trajectory_correction"):
         core.CacheConfig(trajectory_correction=5)
+    with pytest.raises(ValueError, match="uncorrected_threshold_scale"):
+        core.CacheConfig(uncorrected_threshold_scale=0.0)
+    # a run whose sampler cannot be corrected falls back to the scaled tolerance
+    run = core.SpeculativeRun(core.CacheConfig(acceptance="lookback", threshold=0.063, trajectory_correction=2,
+                                               uncorrected_threshold_scale=0.5), 10)
+    assert run.threshold(4) == pytest.approx(0.063)
+    run.correction_unavailable()
+    assert run.threshold(4) == pytest.approx(0.0315)
