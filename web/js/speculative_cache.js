@@ -151,9 +151,10 @@ function attachPanel(node) {
   const widget = node.addDOMWidget(WIDGET, "speculative_cache_stats", panel.root, {
     serialize: false,
     hideOnZoom: false,
-    // the frontend keeps a 10 px margin above and below a DOM widget
-    getMinHeight: () => 92,
-    getMaxHeight: () => 92,
+    // the frontend keeps a 10 px margin above and below a DOM widget; room for a summary that
+    // wraps to two lines on a narrow node
+    getMinHeight: () => 106,
+    getMaxHeight: () => 106,
   });
   if (widget) widget.serialize = false;
   node.speculativeCachePanel = panel;
