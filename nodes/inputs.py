@@ -269,7 +269,11 @@ def _lookback_schedule(config: CacheConfig, opts: dict, correct: bool = True, ex
     """auto: lookback acceptance. The whole model output is forecast, as the noise it implies
     for flow models, with a linear polynomial, and each step's tolerance weighted by its size in
     sigma (what the Options node leaves at its defaults). On the reference models (8 samples)
-    order 1 and the weighting were the best of what was tried (README, "Lookback")."""
+    order 1 and the weighting were the best of what was tried (README, "Lookback").
+
+    ``correct``: runs with an Euler sampler get the trajectory correction (cache_core/correction.py);
+    a run whose sampler cannot have it falls back from LOOKBACK_THRESHOLD to UNCORRECTED_THRESHOLD,
+    unless ``exact`` (the Options node set the threshold)."""
     changes = {"acceptance": "lookback", "output_space": "noise",
                "max_forecast_steps": opts["max_forecast_steps"],      # not a family preset's cap
                "trajectory_correction": CORRECTION_DEGREE if correct else 0}
