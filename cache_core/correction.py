@@ -102,7 +102,7 @@ class TrajectoryCorrection:
         if not self._check_euler(x, sigma):
             return denoised
         if sigma_next is None or not (sigma > 0.0) or sigma_next == sigma or x.shape != denoised.shape:
-            self._turn_off("the sampler's step is not a plain step of its schedule")
+            self.turn_off("the sampler's step is not a plain step of its schedule")
             return denoised
         served = self._computed(x, denoised, sigma, sigma_next) if computed else self._forecast(x, denoised, sigma, sigma_next)
         self._previous = (x, served, sigma, sigma_next)
@@ -114,13 +114,14 @@ class TrajectoryCorrection:
             return True
         x0, denoised0, sigma0, sigma_next0 = previous
         if not math.isclose(sigma, sigma_next0, rel_tol=1e-5, abs_tol=1e-7) or x.shape != x0.shape:
-            self._turn_off("the sampler evaluates between the steps of its schedule")
+            self.turn_off("the sampler evaluates between the steps of its schedule")
             return False
         expected = x0 + (x0 - denoised0) * ((sigma - sigma0) / sigma0)
-        moved = float(torch.linalg.vector_norm((x - x0).float()))
-        off = float(torch.linalg.vector_norm((x - expected).float()))
+        # both norms in one transfer: this runs at every step
+        moved, off = torch.stack([torch.linalg.vector_norm((x - x0).float()),
+                                  torch.linalg.vector_norm((x - expected).float())]).tolist()
         if not (off <= EULER_TOLERANCE * moved + 1e-12):
-            self._turn_off("the sampler's step is not an Euler step")
+            self.turn_off("the sampler's step is not an Euler step")
             return False
         self.euler_steps += 1
         return True
@@ -140,8 +141,7 @@ class TrajectoryCorrection:
         value = self._value(x, denoised, sigma)
         served = denoised
         if (self._forecast_steps and self._streak_ok and self.euler_steps >= EULER_STEPS_NEEDED
-                and len(self._forecast_steps) <= MAX_CORRECTED_STREAK
-                and torch.isfinite(value).all()):
+                and len(self._forecast_steps) <= MAX_CORRECTED_STREAK):
             nodes = self._nodes[-self.degree:] + [(sigma, value)]
             times = [t for t, _ in nodes]
             coefficients = [0.0] * len(nodes)
@@ -161,7 +161,7 @@ class TrajectoryCorrection:
             # the denoised output (x' = x + (sigma' - sigma)(x - denoised) / sigma)
             shift = gap * (1.0 + self._alpha_beta(sigma, sigma_next)[1])
             correction = shift * (sigma / (sigma_next - sigma))
-            if torch.isfinite(correction).all():
+            if torch.isfinite(correction).all():      # (a non-finite value makes it non-finite too)
                 served = denoised - correction.to(denoised.dtype)
                 self.corrected += 1
         self._nodes = (self._nodes + [(sigma, value)])[-self.degree:]
@@ -178,7 +178,7 @@ class TrajectoryCorrection:
         self._forecast_steps = []
         self._streak_ok = True
 
-    def _turn_off(self, reason: str) -> None:
+    def turn_off(self, reason: str) -> None:
         self.active = False
         self.off_reason = reason
         self.release()

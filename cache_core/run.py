@@ -52,7 +52,8 @@ class SpeculativeRun:
         if config.target_speedup >= 1.0 and config.verifies and config.enabled:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
-        self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (correction_unavailable)
+        self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (note_correction)
+        self.correction = None      # the trajectory correction the glue attached (correction.py), or None
         self._allowed = None        # the speed target's allowed cost for this evaluation
         self.step_index = 0
         self.time = float("nan")
@@ -99,10 +100,20 @@ class SpeculativeRun:
             tau *= self.target.scale
         return tau * self.tolerance_scale
 
-    def correction_unavailable(self) -> None:
-        """The run asked for the trajectory correction and its sampler cannot have it: the
-        tolerance falls back to what suits forecasts that stand uncorrected."""
-        self.tolerance_scale = self.config.uncorrected_threshold_scale
+    def attach_correction(self, correction) -> None:
+        """The trajectory correction of this run (``TrajectoryCorrection``); the run frees it
+        on close and makes it forget its points when the weights change."""
+        self.correction = correction
+        self.note_correction()
+
+    def note_correction(self) -> None:
+        """The correction's state into the stats. Once it is off (the sampler cannot have it),
+        the tolerance falls back to what suits forecasts that stand uncorrected."""
+        c = self.correction
+        self.stats.corrected = c.corrected
+        self.stats.correction = "on" if c.active else c.off_reason
+        if not c.active:
+            self.tolerance_scale = self.config.uncorrected_threshold_scale
 
     _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
 
@@ -177,6 +188,8 @@ class SpeculativeRun:
             for s in self.streams.values():
                 s.reset()
             self.streams.clear()
+            if self.correction is not None:
+                self.correction.release()
             self.closed = True
         return self.stats
 
@@ -203,6 +216,8 @@ class Chunk:
             if s.set_weights(weights_key):
                 run.stats.weight_changes += 1
                 run.policy.forget_lookback()     # what was measured was of the other weights
+                if run.correction is not None:
+                    run.correction.forget()
 
     # tensors of this chunk are [batch, ...]: split them per stream
     def split(self, t: torch.Tensor):

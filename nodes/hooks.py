@@ -94,8 +94,6 @@ class RunContext:
         self.block_patches = None       # the block patches on the model when the run started
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
-        self.correction = None          # the trajectory correction (trajectory.py), or None
-        self.correction_weights = 0     # the run's weight changes the correction has seen
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)
@@ -153,7 +151,9 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     ctx.base_model = guider.model_patcher.model
     ctx.serving = Serving(run, model_sampling)
     ctx.serving.report(run.stats)
-    ctx.correction = trajectory.for_run(config, model_sampling)
+    correction = trajectory.for_run(config, model_sampling)
+    if correction is not None:
+        run.attach_correction(correction)
     if ctx.stack_ok:
         ctx.block_patches = _dit_patches(guider.model_options.get("transformer_options", {}), adapter.plan.keys)
     return ctx
@@ -175,7 +175,6 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             return executor(*args, **kwargs)
     finally:
         ctx.active = None
-        trajectory.report(ctx)
         ctx.run.close()
         stats = ctx.stamp()
         log.info(stats.summary_line())

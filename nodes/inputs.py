@@ -225,7 +225,7 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     preset = opts.pop("preset")
     override = float(opts.pop("threshold"))
     opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
-    correct = bool(opts.pop("trajectory_correction"))
+    correction = CORRECTION_DEGREE if opts.pop("trajectory_correction") else 0
     values = dict(opts, start_percent=start_percent, end_percent=end_percent)
     if mode in PAPER:
         preset = mode
@@ -248,10 +248,10 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
             values["order"] = SPEED_TARGET_ORDER
     config = _finish(preset, family, values)
     if mode == "auto":
-        config = _lookback_schedule(config, opts, correct, exact=override >= 0.0)
+        config = _lookback_schedule(config, opts, correction, exact=override >= 0.0)
         what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
     elif mode == "speed_target":
-        config = _speed_target_schedule(config, opts, looks_back, correct)
+        config = _speed_target_schedule(config, opts, looks_back, correction)
         what = (f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
                 f" ({'lookback' if looks_back else 'probe'})")
     elif family == OutputAdapter.family and mode == "probe":
@@ -265,19 +265,20 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     return config, what
 
 
-def _lookback_schedule(config: CacheConfig, opts: dict, correct: bool = True, exact: bool = False) -> CacheConfig:
+def _lookback_schedule(config: CacheConfig, opts: dict, correction: int = CORRECTION_DEGREE,
+                       exact: bool = False) -> CacheConfig:
     """auto: lookback acceptance. The whole model output is forecast, as the noise it implies
     for flow models, with a linear polynomial, and each step's tolerance weighted by its size in
     sigma (what the Options node leaves at its defaults). On the reference models (8 samples)
     order 1 and the weighting were the best of what was tried (README, "Lookback").
 
-    ``correct``: runs with an Euler sampler get the trajectory correction (cache_core/correction.py);
+    ``correction`` (its degree, 0 = off): runs with an Euler sampler get the trajectory correction;
     a run whose sampler cannot have it falls back from LOOKBACK_THRESHOLD to UNCORRECTED_THRESHOLD,
     unless ``exact`` (the Options node set the threshold)."""
     changes = {"acceptance": "lookback", "output_space": "noise",
                "max_forecast_steps": opts["max_forecast_steps"],      # not a family preset's cap
-               "trajectory_correction": CORRECTION_DEGREE if correct else 0}
-    if correct and not exact:           # (a threshold set on the Options node stays exact)
+               "trajectory_correction": correction}
+    if correction and not exact:           # (a threshold set on the Options node stays exact)
         changes["uncorrected_threshold_scale"] = UNCORRECTED_THRESHOLD / LOOKBACK_THRESHOLD
     if opts["order"] == OPTIONS_DEFAULTS["order"]:
         changes["order"] = 1
@@ -286,7 +287,8 @@ def _lookback_schedule(config: CacheConfig, opts: dict, correct: bool = True, ex
     return dataclasses.replace(config, **changes)
 
 
-def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool, correct: bool = True) -> CacheConfig:
+def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool,
+                           correction: int = CORRECTION_DEGREE) -> CacheConfig:
     """A speed target's schedule, for what the Options node leaves at its defaults: warm-up
     only as long as the forecast needs points (order + 1), so the budget goes to the
     schedule, and the threshold weighted by each step's size in sigma, so the forecasts a
@@ -303,8 +305,7 @@ def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool, co
     asked for it), the forecast of the model output itself is served on accepted steps (the
     stage forecasts still feed the probe): on the 19-block model +1.6 dB at 3x and +2.3 dB at
     4x, on the 6-block model +2.8 dB at 2x, -0.6 dB at 3x (README, diagnosis)."""
-    changes = ({"acceptance": "lookback", "output_space": "noise",
-                "trajectory_correction": CORRECTION_DEGREE if correct else 0}
+    changes = ({"acceptance": "lookback", "output_space": "noise", "trajectory_correction": correction}
                if looks_back else {"serve_output": True})
     if opts["warmup_steps"] == OPTIONS_DEFAULTS["warmup_steps"]:
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)

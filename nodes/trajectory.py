@@ -28,15 +28,11 @@ def post_cfg(args):
     denoised = args["denoised"]
     from .hooks import _run_context   # (hooks imports this module)
     ctx = _run_context((args.get("model_options") or {}).get("transformer_options"))
-    correction = getattr(ctx, "correction", None)
+    run = getattr(ctx, "run", None)
+    correction = getattr(run, "correction", None)
     if correction is None or not correction.active:
         return denoised
-    run = ctx.run
     try:
-        if run.stats.weight_changes != ctx.correction_weights:
-            # LoRA hook keyframes changed the weights: the steps before are of another model
-            ctx.correction_weights = run.stats.weight_changes
-            correction.forget()
         step = run.step_index
         sigmas = ctx.sample_sigmas
         sigma_next = sigmas[step + 1] if 0 <= step < len(sigmas) - 1 else None
@@ -45,29 +41,10 @@ def post_cfg(args):
     except Exception as e:
         log.warning("Speculative Cache: the trajectory correction failed (%s: %s); off for this run.",
                     type(e).__name__, e)
-        correction.active = False
-        correction.off_reason = f"error: {type(e).__name__}"
-        correction.release()
+        correction.turn_off(f"error: {type(e).__name__}")
         served = denoised
-    _book(ctx)
+    run.note_correction()
     return served
-
-
-def _book(ctx) -> None:
-    stats, correction = ctx.run.stats, ctx.correction
-    stats.corrected = correction.corrected
-    stats.correction = "on" if correction.active else correction.off_reason
-    if not correction.active:
-        ctx.run.correction_unavailable()
-
-
-def report(ctx) -> None:
-    """The correction's outcome into the run's stats, and its tensors freed."""
-    correction = getattr(ctx, "correction", None)
-    if correction is None:
-        return
-    _book(ctx)
-    correction.release()
 
 
 def install(patcher) -> None:

@@ -885,8 +885,17 @@ def test_config_validates_trajectory_correction(core):
     with pytest.raises(ValueError, match="uncorrected_threshold_scale"):
         core.CacheConfig(uncorrected_threshold_scale=0.0)
     # a run whose sampler cannot be corrected falls back to the scaled tolerance
+    from importlib import import_module
+    correction_module = import_module(f"{core.__name__.rsplit('.', 1)[0]}.cache_core.correction")
     run = core.SpeculativeRun(core.CacheConfig(acceptance="lookback", threshold=0.063, trajectory_correction=2,
                                                uncorrected_threshold_scale=0.5), 10)
-    assert run.threshold(4) == pytest.approx(0.063)
-    run.correction_unavailable()
-    assert run.threshold(4) == pytest.approx(0.0315)
+    correction = correction_module.TrajectoryCorrection(flow=True)
+    run.attach_correction(correction)
+    assert run.threshold(4) == pytest.approx(0.063) and run.stats.correction == "on"
+    correction.turn_off("the sampler's step is not an Euler step")
+    run.note_correction()
+    assert run.threshold(4) == pytest.approx(0.0315) and "Euler" in run.stats.correction
+    # the run frees the correction's tensors when it closes
+    correction._nodes = [(0.5, torch.ones(2))]
+    run.close()
+    assert correction._nodes == []
