@@ -195,3 +195,25 @@ def test_training_resumes_from_its_checkpoint_with_the_same_result(spec_nodes, t
     a = load_file(str(tmp_path / "straight" / "flux_tiny.safetensors"))
     b = load_file(str(tmp_path / "split" / "flux_tiny.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.comfy
+def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nodes, stats_log):
+    """benchmarks.forecast_lab compares forecast schemes at a fixed schedule; its ``noise`` scheme
+    (with the trajectory correction) must be what the node does, so that its numbers stand for
+    the node's: at the schedule a 4x speed target took, the same picture. Every step computed
+    gives the uncached one."""
+    from benchmarks import forecast_lab as lab
+    from benchmarks import reference_model as rm
+    from conftest import simple
+    model = rm.load_reference()
+    labels, seeds = [2], [1001]
+    uncached = rm.sample(model, labels, seeds, steps=28)
+    assert torch.equal(lab.sample_with(model, lab.lab_sampler(set(range(28)), "noise"), labels, seeds), uncached)
+    engine = rm.sample(simple(spec_nodes, model, mode="speed_target", speed=0.75), labels, seeds, steps=28)
+    s = stats_log[-1]
+    computed = {i for i, letter in enumerate(s["timeline"]) if letter == "C"}
+    assert s["corrected"] > 0 and s["forecast"] > 15 and len(computed) == 28 - s["forecast"]
+    lab_images = lab.sample_with(model, lab.lab_sampler(computed, "noise"), labels, seeds)
+    assert rm.psnr(lab_images, engine) > 80              # the same picture, up to float rounding
+    assert rm.psnr(lab_images, uncached) < 45            # (and not the uncached one)

@@ -1,0 +1,172 @@
+"""Forecast schemes at a fixed schedule of computed steps, through ComfyUI's real sampler.
+
+    .venv/bin/python -m benchmarks.forecast_lab --model reference_deep --samples 8 \
+        --schedule 0,1,4,10,17,24,27 noise mix:0.25 adaptive select
+
+The engine chooses its schedule as it runs, so two forecast schemes are hard to compare in it:
+a change of forecast changes the schedule. Here the schedule is fixed (``--schedule``: the steps
+that run the model) and only the forecast of the other steps changes. The sampler is an Euler loop
+handed to ComfyUI as a ``KSAMPLER`` (its CFG, conditioning and model sampling are the real ones);
+forecasts are made after CFG, which for the linear forecasts here equals the engine's forecast of
+cond and uncond apart. The engine's trajectory correction (``cache_core/correction.py``) runs
+after every forecast scheme unless ``--no-correction``. At the schedule a run of the engine took
+(its stats' timeline), the ``noise`` scheme gives the engine's picture (a test checks this).
+
+Schemes (each forecast is a polynomial in sigma through the last computed steps):
+
+* ``noise``: linear in the noise the output implies (the engine's ``auto`` and ``speed_target``).
+* ``denoised``: linear in the denoised output.
+* ``mix:L``: (1 - L) x the noise forecast + L x the denoised forecast, as denoised outputs.
+* ``adaptive``: ``mix`` with L fitted at each computed step, as the mix of the two forecasts of
+  that step (from the steps before it) closest to what it computed; running mean of the fits.
+* ``select``: for each latent element, the order (0, 1 or 2) whose forecast of the newest computed
+  step was closest (HyCa's per-dimension choice of solver, at the output).
+
+Prints the per-picture mean PSNR against the uncached sampler (same seeds as the benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+import torch
+
+from . import comfy_env
+
+STEPS = 28
+CFG = 2.0
+
+
+def _interpolate(nodes, t):
+    """The Lagrange polynomial through ``nodes`` [(sigma, tensor), ...] at ``t``."""
+    correction = import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
+    weights = correction._lagrange_weights([s for s, _ in nodes], t)
+    return sum(w * v for w, (_, v) in zip(weights, nodes))
+
+
+def _noise(x, denoised, sigma):
+    return (x - (1.0 - sigma) * denoised) / sigma
+
+
+def _denoised(x, noise, sigma):
+    return (x - sigma * noise) / (1.0 - sigma)
+
+
+class Scheme:
+    """One forecast scheme's state over one sampling run."""
+
+    def __init__(self, name: str):
+        kind, _, arg = name.partition(":")
+        if kind not in ("noise", "denoised", "mix", "adaptive", "select"):
+            raise ValueError(f"unknown scheme {name!r}")
+        self.kind = kind
+        self.mix = float(arg) if kind == "mix" else (1.0 if kind == "denoised" else 0.0)
+        self.noise_nodes, self.denoised_nodes = [], []
+        self.choice = None                  # select: the order chosen for each element
+
+    def _linear(self, x, sigma):
+        from_noise = _denoised(x, _interpolate(self.noise_nodes[-2:], sigma), sigma)
+        from_denoised = _interpolate(self.denoised_nodes[-2:], sigma)
+        return from_noise, from_denoised
+
+    def computed(self, x, denoised, sigma):
+        if self.kind == "adaptive" and len(self.noise_nodes) >= 2:
+            from_noise, from_denoised = self._linear(x, sigma)
+            diff = from_denoised - from_noise
+            fit = float(((denoised - from_noise) * diff).sum() / (diff * diff).sum().clamp_min(1e-20))
+            self.mix = 0.5 * self.mix + 0.5 * min(max(fit, 0.0), 1.0)
+        eps = _noise(x, denoised, sigma)
+        if self.kind == "select" and len(self.noise_nodes) >= 2:
+            errors = torch.stack([(_interpolate(self.noise_nodes[-(o + 1):], sigma) - eps).abs()
+                                  for o in range(min(3, len(self.noise_nodes)))])
+            self.choice = errors.argmin(0)
+        self.noise_nodes = (self.noise_nodes + [(sigma, eps)])[-3:]
+        self.denoised_nodes = (self.denoised_nodes + [(sigma, denoised)])[-3:]
+
+    def forecast(self, x, sigma):
+        if self.kind == "select":
+            linear = _interpolate(self.noise_nodes[-2:], sigma)
+            if self.choice is None:
+                return _denoised(x, linear, sigma)
+            eps = linear
+            for order in (0, 2):
+                if order < len(self.noise_nodes):
+                    eps = torch.where(self.choice == order, _interpolate(self.noise_nodes[-(order + 1):], sigma), eps)
+            return _denoised(x, eps, sigma)
+        from_noise, from_denoised = self._linear(x, sigma)
+        return (1.0 - self.mix) * from_noise + self.mix * from_denoised
+
+
+def lab_sampler(computed: set, scheme: str, correction_degree: int = 2):
+    """An Euler sampler function (for ``comfy.samplers.KSAMPLER``) that runs the model at the
+    steps in ``computed`` (and wherever fewer than two computed steps are known) and forecasts
+    the others with ``scheme``."""
+    correction = import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
+
+    @torch.no_grad()
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        s_in = x.new_ones([x.shape[0]])
+        state = Scheme(scheme)
+        corrector = correction.TrajectoryCorrection(True, correction_degree) if correction_degree else None
+        for i in range(len(sigmas) - 1):
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            run_model = i in computed or len(state.noise_nodes) < 2
+            if run_model:
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                state.computed(x, denoised, sigma)
+            else:
+                denoised = state.forecast(x, sigma)
+            if corrector is not None:
+                denoised = corrector.observe(x, denoised, sigma, sigma_next, run_model)
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        return x
+    return sample
+
+
+def sample_with(patcher, sampler_function, labels, seeds, steps: int = STEPS):
+    """Images [n, 1, H, W] of ComfyUI's sampler (``sample_custom``) with this sampler function."""
+    import comfy.sample
+    import comfy.samplers
+    from . import reference_model as rm
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps).cpu()
+    sampler = comfy.samplers.KSAMPLER(sampler_function)
+    images = []
+    for label, seed in zip(labels, seeds):
+        latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, 32, 32))
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample_custom(patcher, noise, CFG, sampler, sigmas.clone(), rm.conditioning(label),
+                                         rm.conditioning(rm.NULL_CLASS), latent, disable_pbar=True, seed=seed)
+        images.append(rm.decode(out))
+    return torch.cat(images)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference_deep", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--schedule", action="append", required=True,
+                    help="the computed steps, comma-separated (0-based, of 28); may be given more than once")
+    ap.add_argument("--no-correction", action="store_true", help="without the trajectory correction")
+    ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select")
+    args = ap.parse_args(argv)
+    comfy_env.setup_comfyui()
+    comfy_env.pack_nodes()
+    from . import reference_model as rm
+    model = rm.load_reference(args.model)
+    labels = [i % len(rm.CLASSES) for i in range(args.samples)]
+    seeds = [1000 + i for i in range(args.samples)]
+    reference = rm.sample(model, labels, seeds, steps=STEPS, cfg=CFG)
+    degree = 0 if args.no_correction else 2
+    for schedule in args.schedule:
+        computed = [int(s) for s in schedule.split(",")]
+        for scheme in args.schemes:
+            images = sample_with(model, lab_sampler(set(computed), scheme, degree), labels, seeds)
+            mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
+            print(f"{schedule:28s} {scheme:12s} compute {len(computed) / STEPS:.3f}  PSNR {mean:6.2f} dB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
