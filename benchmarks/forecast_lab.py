@@ -27,6 +27,7 @@ Prints the per-picture mean PSNR against the uncached sampler (same seeds as the
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from importlib import import_module
 
@@ -38,13 +39,19 @@ STEPS = 28
 CFG = 2.0
 
 
+@functools.cache
+def _correction():
+    return import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
+
+
 def _interpolate(nodes, t):
     """The Lagrange polynomial through ``nodes`` [(sigma, tensor), ...] at ``t``."""
-    correction = import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
-    weights = correction._lagrange_weights([s for s, _ in nodes], t)
+    weights = _correction()._lagrange_weights([s for s, _ in nodes], t)
     return sum(w * v for w, (_, v) in zip(weights, nodes))
 
 
+# x = (1 - sigma) denoised + sigma noise for flow models: the relation the engine writes in
+# velocity form (cache_core/output_space.py), here in the denoised form the sampler sees.
 def _noise(x, denoised, sigma):
     return (x - (1.0 - sigma) * denoised) / sigma
 
@@ -102,7 +109,7 @@ def lab_sampler(computed: set, scheme: str, correction_degree: int = 2):
     """An Euler sampler function (for ``comfy.samplers.KSAMPLER``) that runs the model at the
     steps in ``computed`` (and wherever fewer than two computed steps are known) and forecasts
     the others with ``scheme``."""
-    correction = import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
+    correction = _correction()
 
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -125,23 +132,6 @@ def lab_sampler(computed: set, scheme: str, correction_degree: int = 2):
     return sample
 
 
-def sample_with(patcher, sampler_function, labels, seeds, steps: int = STEPS):
-    """Images [n, 1, H, W] of ComfyUI's sampler (``sample_custom``) with this sampler function."""
-    import comfy.sample
-    import comfy.samplers
-    from . import reference_model as rm
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", steps).cpu()
-    sampler = comfy.samplers.KSAMPLER(sampler_function)
-    images = []
-    for label, seed in zip(labels, seeds):
-        latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, 32, 32))
-        noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample_custom(patcher, noise, CFG, sampler, sigmas.clone(), rm.conditioning(label),
-                                         rm.conditioning(rm.NULL_CLASS), latent, disable_pbar=True, seed=seed)
-        images.append(rm.decode(out))
-    return torch.cat(images)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="reference_deep", help="reference (6 blocks) or reference_deep (19 blocks)")
@@ -162,7 +152,8 @@ def main(argv=None) -> int:
     for schedule in args.schedule:
         computed = [int(s) for s in schedule.split(",")]
         for scheme in args.schemes:
-            images = sample_with(model, lab_sampler(set(computed), scheme, degree), labels, seeds)
+            images = rm.sample(model, labels, seeds, steps=STEPS, cfg=CFG,
+                               sampler=lab_sampler(set(computed), scheme, degree))
             mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
             print(f"{schedule:28s} {scheme:12s} compute {len(computed) / STEPS:.3f}  PSNR {mean:6.2f} dB", flush=True)
     return 0

@@ -220,16 +220,27 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler: str = "euler",
+def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler="euler",
            scheduler: str = "simple"):
-    """Samples of the given class labels through ComfyUI's real sampler; returns images [n, 1, H, W]."""
+    """Samples of the given class labels through ComfyUI's real sampler; returns images [n, 1, H, W].
+    ``sampler``: a sampler name, or a k-diffusion sampler function (model, x, sigmas, extra_args,
+    callback, disable), run as ComfyUI's ``KSAMPLER`` at the scheduler's sigmas."""
     import comfy.sample
+    import comfy.samplers
+    if callable(sampler):
+        sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).cpu()
+        custom = comfy.samplers.KSAMPLER(sampler)
     images = []
     for label, seed in zip(labels, seeds):
         latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, 32, 32))
         noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, conditioning(label),
-                                  conditioning(NULL_CLASS), latent, disable_pbar=True, seed=seed)
+        positive, negative = conditioning(label), conditioning(NULL_CLASS)
+        if callable(sampler):
+            out = comfy.sample.sample_custom(patcher, noise, cfg, custom, sigmas.clone(), positive, negative,
+                                             latent, disable_pbar=True, seed=seed)
+        else:
+            out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative,
+                                      latent, disable_pbar=True, seed=seed)
         images.append(decode(out))
     return torch.cat(images)
 

@@ -209,11 +209,11 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     model = rm.load_reference()
     labels, seeds = [2], [1001]
     uncached = rm.sample(model, labels, seeds, steps=28)
-    assert torch.equal(lab.sample_with(model, lab.lab_sampler(set(range(28)), "noise"), labels, seeds), uncached)
+    assert torch.equal(rm.sample(model, labels, seeds, sampler=lab.lab_sampler(set(range(28)), "noise")), uncached)
     engine = rm.sample(simple(spec_nodes, model, mode="speed_target", speed=0.75), labels, seeds, steps=28)
     s = stats_log[-1]
     computed = {i for i, letter in enumerate(s["timeline"]) if letter == "C"}
     assert s["corrected"] > 0 and s["forecast"] > 15 and len(computed) == 28 - s["forecast"]
-    lab_images = lab.sample_with(model, lab.lab_sampler(computed, "noise"), labels, seeds)
+    lab_images = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(computed, "noise"))
     assert rm.psnr(lab_images, engine) > 80              # the same picture, up to float rounding
     assert rm.psnr(lab_images, uncached) < 45            # (and not the uncached one)
