@@ -21,6 +21,11 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   that step (from the steps before it) closest to what it computed; running mean of the fits.
 * ``select``: for each latent element, the order (0, 1 or 2) whose forecast of the newest computed
   step was closest (HyCa's per-dimension choice of solver, at the output).
+* ``curve:L``: the noise forecast plus L x the quadratic term through the last three computed
+  steps (L = 0: ``noise``; L = 1: the quadratic), a shrunk estimate of the curvature.
+* ``curvefit``: ``curve`` with L fitted during the run: at each computed step, the regression of
+  the newest second divided difference (through it and the two computed steps before) on the one
+  before it; running mean of the fits, within [-1, 1].
 
 Prints the per-picture mean PSNR against the uncached sampler (same seeds as the benchmark)."""
 
@@ -50,6 +55,12 @@ def _interpolate(nodes, t):
     return sum(w * v for w, (_, v) in zip(weights, nodes))
 
 
+def _second_difference(nodes):
+    """f[t0, t1, t2] through three (sigma, tensor) nodes."""
+    (a, fa), (b, fb), (c, fc) = nodes
+    return ((fc - fb) / (c - b) - (fb - fa) / (b - a)) / (c - a)
+
+
 # x = (1 - sigma) denoised + sigma noise for flow models: the relation the engine writes in
 # velocity form (cache_core/output_space.py), here in the denoised form the sampler sees.
 def _noise(x, denoised, sigma):
@@ -65,10 +76,11 @@ class Scheme:
 
     def __init__(self, name: str):
         kind, _, arg = name.partition(":")
-        if kind not in ("noise", "denoised", "mix", "adaptive", "select"):
+        if kind not in ("noise", "denoised", "mix", "adaptive", "select", "curve", "curvefit"):
             raise ValueError(f"unknown scheme {name!r}")
         self.kind = kind
         self.mix = float(arg) if kind == "mix" else (1.0 if kind == "denoised" else 0.0)
+        self.curve = float(arg) if kind == "curve" else 0.0
         self.noise_nodes, self.denoised_nodes = [], []
         self.choice = None                  # select: the order chosen for each element
 
@@ -88,6 +100,11 @@ class Scheme:
             errors = torch.stack([(_interpolate(self.noise_nodes[-(o + 1):], sigma) - eps).abs()
                                   for o in range(min(3, len(self.noise_nodes)))])
             self.choice = errors.argmin(0)
+        if self.kind == "curvefit" and len(self.noise_nodes) >= 3:
+            older = _second_difference(self.noise_nodes[-3:])
+            newer = _second_difference(self.noise_nodes[-2:] + [(sigma, eps)])
+            fit = float((newer * older).sum() / (older * older).sum().clamp_min(1e-20))
+            self.curve = 0.5 * self.curve + 0.5 * min(max(fit, -1.0), 1.0)
         self.noise_nodes = (self.noise_nodes + [(sigma, eps)])[-3:]
         self.denoised_nodes = (self.denoised_nodes + [(sigma, denoised)])[-3:]
 
@@ -101,6 +118,10 @@ class Scheme:
                 if order < len(self.noise_nodes):
                     eps = torch.where(self.choice == order, _interpolate(self.noise_nodes[-(order + 1):], sigma), eps)
             return _denoised(x, eps, sigma)
+        if self.kind in ("curve", "curvefit") and len(self.noise_nodes) >= 3:
+            linear = _interpolate(self.noise_nodes[-2:], sigma)
+            quadratic = _interpolate(self.noise_nodes[-3:], sigma)
+            return _denoised(x, linear + self.curve * (quadratic - linear), sigma)
         from_noise, from_denoised = self._linear(x, sigma)
         return (1.0 - self.mix) * from_noise + self.mix * from_denoised
 
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", action="append", required=True,
                     help="the computed steps, comma-separated (0-based, of 28); may be given more than once")
     ap.add_argument("--no-correction", action="store_true", help="without the trajectory correction")
-    ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select")
+    ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select, curve:L, curvefit")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
     comfy_env.pack_nodes()

@@ -93,6 +93,9 @@ class CacheConfig:
     metric: str = "relative_norm"
     # Forecast polynomial order (0 = reuse the last computed features).
     order: int = 2
+    # With order 1 (Taylor, sigma axis): add a share of the quadratic term through one more
+    # computed point, the share fitted during the run (forecasters.FittedCurvatureForecaster).
+    fitted_curvature: bool = False
     # Full steps at the start and at the end of the schedule.
     warmup_steps: int = 3
     final_full_steps: int = 1

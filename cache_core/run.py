@@ -11,6 +11,7 @@ import math
 import torch
 
 from .config import CacheConfig
+from .correction import MAX_CORRECTED_STREAK
 from .forecasters import make_forecaster
 from .policy import Decision, Policy, StepMode
 from .state import StreamCache
@@ -115,6 +116,12 @@ class SpeculativeRun:
         if not c.active:
             self.tolerance_scale = self.config.uncorrected_threshold_scale
 
+    def _correction_on(self) -> bool:
+        """Whether this forecast will be corrected: the correction is on and the run of forecasts
+        no longer than it corrects (the fitted curvature forecasts only such)."""
+        return (self.correction is not None and self.correction.active
+                and self.policy.forecasts_since_full < MAX_CORRECTED_STREAK)
+
     _RANK = {FORECAST: 0, REJECTED: 1, COMPUTED: 2}
 
     def _mark(self, outcome: str) -> None:
@@ -168,7 +175,7 @@ class SpeculativeRun:
     def stream(self, key) -> StreamCache:
         s = self.streams.get(key)
         if s is None:
-            s = self.streams[key] = StreamCache(lambda: make_forecaster(self.config))
+            s = self.streams[key] = StreamCache(lambda: make_forecaster(self.config, self._correction_on))
             self.stats.streams += 1
         return s
 

@@ -307,6 +307,11 @@ def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool,
     4x, on the 6-block model +2.8 dB at 2x, -0.6 dB at 3x (README, diagnosis)."""
     changes = ({"acceptance": "lookback", "output_space": "noise", "trajectory_correction": correction}
                if looks_back else {"serve_output": True})
+    if looks_back and correction and opts["order"] == OPTIONS_DEFAULTS["order"]:
+        # The budget sets the schedule here, so a better forecast is more PSNR at the same
+        # compute (in auto it also moves the schedule, and there it was mixed: README, "Fitted
+        # curvature").
+        changes["fitted_curvature"] = True
     if opts["warmup_steps"] == OPTIONS_DEFAULTS["warmup_steps"]:
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:

@@ -106,6 +106,8 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     # a target's schedule: order 1, warm-up just the two points it needs, step-size weighting
     assert (target.target_speedup, target.order, target.warmup_steps, target.step_weighting) == (2.0, 1, 2, True)
     assert target.acceptance == "lookback" and not target.serve_output
+    # ... and the forecast with the fitted share of curvature (auto keeps the linear one)
+    assert target.fitted_curvature and not config_of(simple(spec_nodes, flux)).fitted_curvature
     probe = config_of(simple(spec_nodes, flux, mode="probe"))
     assert (probe.order, probe.warmup_steps, probe.step_weighting, probe.serve_output) == (2, 3, False, False)
     # an Options node asking for what only the probe does: the target probes and serves the output
@@ -115,6 +117,9 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     opts = options(spec_nodes, order=3)
     chosen = config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts))
     assert (chosen.order, chosen.warmup_steps) == (3, 3)        # what the Options node sets wins
+    assert not chosen.fitted_curvature
+    uncorrected = options(spec_nodes, trajectory_correction=False)
+    assert not config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=uncorrected)).fitted_curvature
     opts = options(spec_nodes, warmup_steps=5, step_weighting=True, order=1)
     assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).warmup_steps == 5
 

@@ -57,6 +57,61 @@ def test_taylor_repeated_time_replaces_newest_point(core):
     assert torch.allclose(f.predict(0.2), poly(coeffs, 0.2), atol=1e-9)
 
 
+def _fitted(core, **kw):
+    from importlib import import_module
+    return import_module(core.__name__ + ".forecasters").FittedCurvatureForecaster(**kw)
+
+
+def test_fitted_curvature_starts_linear_and_fits_the_share_of_the_quadratic(core):
+    """w = 0 until two second differences are known; a function whose curvature holds steady
+    moves w towards 1 (the quadratic), one whose curvature flips sign towards -1."""
+    coeffs = [0.2, -0.8, 1.1]                        # a quadratic: constant curvature
+    f = _fitted(core)
+    linear = core.TaylorForecaster(1)
+    for t in (1.0, 0.8, 0.6):
+        f.update(t, poly(coeffs, t))
+        linear.update(t, poly(coeffs, t))
+    assert f.points == 3 and f.weight == 0.0
+    assert torch.allclose(f.predict(0.3), linear.predict(0.3), atol=1e-12)   # linear so far
+    weights = []
+    for t in (0.45, 0.3, 0.2):
+        f.update(t, poly(coeffs, t))
+        weights.append(f.weight)
+    assert weights == pytest.approx([0.5, 0.75, 0.875])   # halfway to the fit (1) each time
+    exact, quadratic_share = poly(coeffs, 0.05), f.predict(0.05)
+    linear = core.TaylorForecaster(1)
+    for t in (0.3, 0.2):
+        linear.update(t, poly(coeffs, t))
+    # 7/8 of the quadratic term: closer to the exact value than the linear forecast
+    assert (quadratic_share - exact).norm() < 0.2 * (linear.predict(0.05) - exact).norm()
+
+    g = _fitted(core)
+    base = torch.linspace(-1, 1, 15, dtype=torch.float64).reshape(3, 5)
+    for i, t in enumerate((1.0, 0.9, 0.8, 0.7, 0.6, 0.5)):
+        g.update(t, base * (t + 0.05 * (-1) ** i))   # a line with a zig-zag: the curvature flips
+    assert g.weight < -0.4
+
+
+def test_fitted_curvature_only_where_allowed_and_forgets_on_reset(core):
+    on = {"value": False}
+    f = _fitted(core, allowed=lambda: on["value"])
+    for t, v in ((1.0, 0.0), (0.8, 1.0), (0.6, 1.0), (0.4, 0.0)):
+        f.update(t, torch.full((2,), v, dtype=torch.float64))
+    assert f.weight != 0.0
+    linear = core.TaylorForecaster(1)
+    for t, v in ((0.6, 1.0), (0.4, 0.0)):
+        linear.update(t, torch.full((2,), v, dtype=torch.float64))
+    assert torch.equal(f.predict(0.2), linear.predict(0.2))     # not allowed: the linear forecast
+    on["value"] = True
+    assert not torch.allclose(f.predict(0.2), linear.predict(0.2))
+    f.update(0.4, torch.full((2,), 0.5, dtype=torch.float64))    # the same time again: no new fit
+    weight = f.weight
+    f.update(0.4, torch.full((2,), 0.0, dtype=torch.float64))
+    assert f.weight == weight
+    f.reset()
+    assert f.points == 0 and f.weight == 0.0
+
+
 def test_taylor_storage_dtype_halves_memory_and_keeps_feature_dtype(core):
     full, half = core.TaylorForecaster(2), core.TaylorForecaster(2, "bfloat16")
     for t in (1.0, 0.8, 0.6):
@@ -371,6 +426,9 @@ def test_methods_pick_their_forecasters(core):
     assert fc.make_forecaster(core.CacheConfig(method="reuse")).order == 0
     assert type(fc.make_forecaster(core.CacheConfig(forecaster="foca"))).__name__ == "FoCaForecaster"
     assert type(fc.make_forecaster(core.CacheConfig(time_axis="step"))).__name__ == "TaylorSeerForecaster"
+    fitted = core.CacheConfig(order=1, fitted_curvature=True)
+    assert type(fc.make_forecaster(fitted)).__name__ == "FittedCurvatureForecaster"
+    assert type(fc.make_forecaster(core.CacheConfig(order=2, fitted_curvature=True))).__name__ == "TaylorForecaster"
 
 
 # ---- ClusCa building blocks ---------------------------------------------------------------
