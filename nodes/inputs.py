@@ -70,7 +70,9 @@ ADVANCED = {
                 "(Hermite basis, damped), foca (velocity fit + Heun corrector)."),
     "order": lambda: _slider_int("order", _D.order, 0, 4,
                                  "Order of the forecast polynomial through the last computed steps "
-                                 "(0 = reuse, 1 = linear, 2 = quadratic)."),
+                                 "(0 = reuse, 1 = linear, 2 = quadratic). auto and speed_target use 1 "
+                                 "unless set here; speed_target adds a share of the curvature fitted "
+                                 "during the run, which setting the order here turns off."),
     "warmup_steps": lambda: _slider_int("warmup_steps", _D.warmup_steps, 0, 100,
                                         "Steps computed fully at the start, before any forecast."),
     "max_forecast_steps": lambda: _slider_int("max_forecast_steps", _D.max_forecast_steps, 1, 50,
