@@ -91,6 +91,9 @@ class TaylorForecaster(Forecaster):
     def _store(self, d: torch.Tensor) -> torch.Tensor:
         return d.to(self.storage_dtype or self.value_dtype)
 
+    def _is_newest(self, t: float) -> bool:
+        return bool(self.times) and abs(t - self.times[0]) <= 1e-9 * max(1.0, abs(t))
+
     def update(self, t: float, value: torch.Tensor) -> None:
         t = float(t)
         value = value.detach()
@@ -98,7 +101,7 @@ class TaylorForecaster(Forecaster):
         new = self._work(value)
         if new is value:
             new = value.clone()  # never keep a reference the caller may change in place
-        if self.times and abs(t - self.times[0]) <= 1e-9 * max(1.0, abs(t)):
+        if self._is_newest(t):
             # Same time as the newest node (e.g. Heun evaluates twice at one sigma):
             # replace its value. Changing f(t_0) by delta changes f[t_0..t_j] by
             # delta / prod_{i=1..j} (t_0 - t_i).
@@ -167,8 +170,7 @@ class FittedCurvatureForecaster(TaylorForecaster):
         self.weight = 0.0
 
     def update(self, t: float, value: torch.Tensor) -> None:
-        replaces = bool(self.times) and abs(float(t) - self.times[0]) <= 1e-9 * max(1.0, abs(float(t)))
-        older = self._work(self.diffs[2]) if len(self.diffs) == 3 and not replaces else None
+        older = self._work(self.diffs[2]) if len(self.diffs) == 3 and not self._is_newest(float(t)) else None
         super().update(t, value)
         if older is None:
             return

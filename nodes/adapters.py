@@ -141,7 +141,7 @@ def estimate_cache_bytes(adapter, diffusion_model, config, latent_shape, txt_tok
         tensors = sum(2 if k[0] == "double_block" else 1 for k in adapter.plan.keys) * tokens
     else:
         tensors = sum(tokens for _ in adapter.plan.stages)
-    points = 4 if config.draft == "foca" else config.order + 1 + int(config.fitted_curvature)
+    points = 4 if config.draft == "foca" else config.order + 1 + int(config.fitted_curvature and config.order == 1)
     if config.method == "reuse":
         points = 1
     if config.storage_dtype:
