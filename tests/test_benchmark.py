@@ -200,9 +200,10 @@ def test_training_resumes_from_its_checkpoint_with_the_same_result(spec_nodes, t
 @pytest.mark.comfy
 def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nodes, stats_log):
     """benchmarks.forecast_lab compares forecast schemes at a fixed schedule; its ``noise`` scheme
-    (with the trajectory correction) must be what the node does, so that its numbers stand for
-    the node's: at the schedule a 4x speed target took, the same picture. Every step computed
-    gives the uncached one."""
+    (with the trajectory correction) must be what the node's linear forecast does, so that its
+    numbers stand for the node's: at the schedule a 4x speed target with the linear forecast took
+    (order 1 set on the Options node, which turns the fitted curvature off), the same picture.
+    Every step computed gives the uncached one."""
     from benchmarks import forecast_lab as lab
     from benchmarks import reference_model as rm
     from conftest import simple
@@ -210,7 +211,9 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     labels, seeds = [2], [1001]
     uncached = rm.sample(model, labels, seeds, steps=28)
     assert torch.equal(rm.sample(model, labels, seeds, sampler=lab.lab_sampler(set(range(28)), "noise")), uncached)
-    engine = rm.sample(simple(spec_nodes, model, mode="speed_target", speed=0.75), labels, seeds, steps=28)
+    linear = spec_nodes.SpeculativeCacheOptions.execute(order=1).result[0]
+    engine = rm.sample(simple(spec_nodes, model, mode="speed_target", speed=0.75, options=linear), labels, seeds,
+                       steps=28)
     s = stats_log[-1]
     computed = {i for i, letter in enumerate(s["timeline"]) if letter == "C"}
     assert s["corrected"] > 0 and s["forecast"] > 15 and len(computed) == 28 - s["forecast"]
