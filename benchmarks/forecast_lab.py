@@ -10,11 +10,13 @@ handed to ComfyUI as a ``KSAMPLER`` (its CFG, conditioning and model sampling ar
 forecasts are made after CFG, which for the linear forecasts here equals the engine's forecast of
 cond and uncond apart. The engine's trajectory correction (``cache_core/correction.py``) runs
 after every forecast scheme unless ``--no-correction``. At the schedule a run of the engine took
-(its stats' timeline), the ``noise`` scheme gives the engine's picture (a test checks this).
+(its stats' timeline), the ``noise`` scheme gives the picture of the engine's linear forecast (a
+test checks this).
 
 Schemes (each forecast is a polynomial in sigma through the last computed steps):
 
-* ``noise``: linear in the noise the output implies (the engine's ``auto`` and ``speed_target``).
+* ``noise``: linear in the noise the output implies (the engine's ``auto``, and ``speed_target``
+  with ``order`` set on the Options node).
 * ``denoised``: linear in the denoised output.
 * ``mix:L``: (1 - L) x the noise forecast + L x the denoised forecast, as denoised outputs.
 * ``adaptive``: ``mix`` with L fitted at each computed step, as the mix of the two forecasts of
@@ -25,7 +27,9 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   steps (L = 0: ``noise``; L = 1: the quadratic), a shrunk estimate of the curvature.
 * ``curvefit``: ``curve`` with L fitted during the run: at each computed step, the regression of
   the newest second divided difference (through it and the two computed steps before) on the one
-  before it; running mean of the fits, within [-1, 1].
+  before it; each fit moves L halfway, within [-1, 1]. The engine's ``speed_target`` does this
+  (``FittedCurvatureForecaster``) per stream, cond and uncond apart, and only on forecasts its
+  correction will correct, so the two differ slightly.
 
 Prints the per-picture mean PSNR against the uncached sampler (same seeds as the benchmark)."""
 
