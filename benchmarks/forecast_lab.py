@@ -27,9 +27,9 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   steps (L = 0: ``noise``; L = 1: the quadratic), a shrunk estimate of the curvature.
 * ``curvefit``: ``curve`` with L fitted during the run: at each computed step, the regression of
   the newest second divided difference (through it and the two computed steps before) on the one
-  before it; each fit moves L halfway, within [-1, 1]. The engine's ``speed_target`` does this
-  (``FittedCurvatureForecaster``) per stream, cond and uncond apart, and only on forecasts its
-  correction will correct, so the two differ slightly.
+  before it; each fit moves L halfway, within [-1, 1]. It is the engine's own
+  ``FittedCurvatureForecaster``, here after CFG; ``speed_target`` runs it per stream, cond and
+  uncond apart, and only on forecasts its correction will correct, so the two differ slightly.
 
 Prints the per-picture mean PSNR against the uncached sampler (same seeds as the benchmark)."""
 
@@ -53,16 +53,15 @@ def _correction():
     return import_module(f"{comfy_env.PACK_MODULE}.cache_core.correction")
 
 
+@functools.cache
+def _forecasters():
+    return import_module(f"{comfy_env.PACK_MODULE}.cache_core.forecasters")
+
+
 def _interpolate(nodes, t):
     """The Lagrange polynomial through ``nodes`` [(sigma, tensor), ...] at ``t``."""
     weights = _correction()._lagrange_weights([s for s, _ in nodes], t)
     return sum(w * v for w, (_, v) in zip(weights, nodes))
-
-
-def _second_difference(nodes):
-    """f[t0, t1, t2] through three (sigma, tensor) nodes."""
-    (a, fa), (b, fb), (c, fc) = nodes
-    return ((fc - fb) / (c - b) - (fb - fa) / (b - a)) / (c - a)
 
 
 # x = (1 - sigma) denoised + sigma noise for flow models: the relation the engine writes in
@@ -87,6 +86,8 @@ class Scheme:
         self.curve = float(arg) if kind == "curve" else 0.0
         self.noise_nodes, self.denoised_nodes = [], []
         self.choice = None                  # select: the order chosen for each element
+        # curvefit: the engine's own forecaster, on the noise after CFG
+        self.fitted = _forecasters().FittedCurvatureForecaster() if kind == "curvefit" else None
 
     def _linear(self, x, sigma):
         from_noise = _denoised(x, _interpolate(self.noise_nodes[-2:], sigma), sigma)
@@ -104,11 +105,8 @@ class Scheme:
             errors = torch.stack([(_interpolate(self.noise_nodes[-(o + 1):], sigma) - eps).abs()
                                   for o in range(min(3, len(self.noise_nodes)))])
             self.choice = errors.argmin(0)
-        if self.kind == "curvefit" and len(self.noise_nodes) >= 3:
-            older = _second_difference(self.noise_nodes[-3:])
-            newer = _second_difference(self.noise_nodes[-2:] + [(sigma, eps)])
-            fit = float((newer * older).sum() / (older * older).sum().clamp_min(1e-20))
-            self.curve = 0.5 * self.curve + 0.5 * min(max(fit, -1.0), 1.0)
+        if self.fitted is not None:
+            self.fitted.update(sigma, eps)
         self.noise_nodes = (self.noise_nodes + [(sigma, eps)])[-3:]
         self.denoised_nodes = (self.denoised_nodes + [(sigma, denoised)])[-3:]
 
@@ -122,7 +120,9 @@ class Scheme:
                 if order < len(self.noise_nodes):
                     eps = torch.where(self.choice == order, _interpolate(self.noise_nodes[-(order + 1):], sigma), eps)
             return _denoised(x, eps, sigma)
-        if self.kind in ("curve", "curvefit") and len(self.noise_nodes) >= 3:
+        if self.fitted is not None:
+            return _denoised(x, self.fitted.predict(sigma), sigma)
+        if self.kind == "curve" and len(self.noise_nodes) >= 3:
             linear = _interpolate(self.noise_nodes[-2:], sigma)
             quadratic = _interpolate(self.noise_nodes[-3:], sigma)
             return _denoised(x, linear + self.curve * (quadratic - linear), sigma)
