@@ -122,6 +122,22 @@ def focus_grid(plan) -> list[Method]:
     return grid
 
 
+def beyond_grid(plan=None) -> list[Method]:
+    """Speed targets beyond the slider's 5x (the Options node's ``target_speedup``) against
+    the fixed-interval TaylorSeer at the same compute, and the node's defaults."""
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    grid.append(Method("speca", {"mode": "speed_target", "target_speedup": 5.0},
+                       main_node(mode="speed_target", speed=1.0)))
+    for target in (6.0, 7.0, 8.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target})))
+    for n in (4, 6, 7, 8):
+        grid.append(Method("taylorseer", {"interval": n, "order": 1},
+                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
+                                warmup_steps=3, final_full_steps=0)))
+    return grid
+
+
 def tokens_grid(plan=None) -> list[Method]:
     """SpecDiff's token tiers against what they must beat: SpeCa at block granularity
     without tiers (the same verification, the same history), ClusCa (the other token-level
@@ -497,9 +513,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
-    ap.add_argument("--grid", choices=["full", "focus", "tokens"], default="full",
+    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond"], default="full",
                     help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
-                         "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer")
+                         "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
+                         "beyond: speed targets above 5x against TaylorSeer")
     ap.add_argument("--timing-samples", type=int, default=3)
     ap.add_argument("--timing-repeats", type=int, default=3)
     args = ap.parse_args(argv)
@@ -518,7 +535,7 @@ def main(argv=None) -> int:
     print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}, "
           f"ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
     plan = block_plan(workload.model)
-    grid = {"focus": focus_grid, "tokens": tokens_grid}[args.grid](plan) if args.grid != "full" else None
+    grid = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid}[args.grid](plan) if args.grid != "full" else None
     result = benchmark(workload, args.quick, plan, timing_samples=args.timing_samples,
                        timing_repeats=args.timing_repeats, grid=grid)
     result["comfyui"] = comfy_env.comfyui_version(comfy_env.find_comfyui())

@@ -97,7 +97,7 @@ class RunStats:
             "cache_estimate_bytes": self.estimated_cache_bytes,
             "timeline": self.timeline,
             "internal_error": self.internal_error,
-            "target_speedup": self.target_speedup,
+            "target_speedup": self.target_speedup, "target_missed": self.target_missed,
             "threshold_scale": round(self.threshold_scale, 4),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
@@ -115,4 +115,11 @@ class RunStats:
                 f"{self.compute_fraction:.3f}, est. speedup {self.estimated_speedup:.2f}x, "
                 f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
                 + (f"; target {self.target_speedup:.2f}x (threshold x{self.threshold_scale:.2f})"
-                   if self.target_speedup else ""))
+                   if self.target_speedup else "")
+                + ("; target missed (too few steps for it, or forecasts that would not hold)"
+                   if self.target_missed else ""))
+
+    @property
+    def target_missed(self) -> bool:
+        """A speed target the run fell short of by more than 5 %."""
+        return bool(self.target_speedup) and self.estimated_speedup < 0.95 * self.target_speedup

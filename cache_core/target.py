@@ -29,6 +29,19 @@ def mapped_target(speed: float, lo: float = 1.0, hi: float = 5.0) -> float:
     return lo + (hi - lo) * speed
 
 
+def slider_speed(target_speedup: float, lo: float = 1.0, hi: float = 5.0) -> float:
+    """The slider position that asks for ``target_speedup`` (the inverse of ``mapped_target``,
+    1 for targets beyond the slider's end)."""
+    return min(max((float(target_speedup) - lo) / (hi - lo), 0.0), 1.0)
+
+
+def streak_cap(target_speedup: float) -> int:
+    """Forecasts in a row a target allows: twice the mean streak it needs (target - 1
+    forecasts per computed step), so that a loose start cannot spend the run's forecasts in
+    one long, error-prone streak before the loop has learned."""
+    return max(1, int(math.ceil(2.0 * (target_speedup - 1.0))))
+
+
 class SpeedTarget:
     """Closed-loop threshold multiplier for a target speed-up (see the module docstring)."""
 
@@ -47,10 +60,7 @@ class SpeedTarget:
 
     @property
     def streak_cap(self) -> int:
-        """Forecasts in a row allowed: twice the mean streak the target needs
-        (target - 1 forecasts per computed step), so that a loose start cannot spend the
-        run's forecasts in one long, error-prone streak before the loop has learned."""
-        return max(1, int(math.ceil(2.0 * (self.target - 1.0))))
+        return streak_cap(self.target)
 
     @property
     def scale(self) -> float:

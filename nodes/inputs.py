@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..cache_core import CacheConfig
 from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
 from ..cache_core.presets import PAPER, PRESETS, resolve_settings
-from ..cache_core.target import mapped_target
+from ..cache_core.target import mapped_target, slider_speed, streak_cap
 from .adapters import OutputAdapter
 
 _D = CacheConfig()
@@ -131,6 +131,11 @@ ADVANCED = {
         tooltip="Most memory the forecast history may take, in MiB. 0: 40 % of the free memory of the "
                 "model's device. Above it a run stores bfloat16, then uses stack granularity, then a lower "
                 "order, then does not forecast; the console says which."),
+    "target_speedup": lambda: io.Float.Input(
+        "target_speedup", default=0.0, min=0.0, max=20.0, step=0.1,
+        tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed "
+                "(which stops at 5x); speed 0 still turns the node off. 0: from the slider. Beyond 5x "
+                "it needs many steps: on 28 steps the picture changes visibly (README, \"Beyond 5x\")."),
     "max_overhead": lambda: _slider_float("max_overhead", _D.max_overhead, 0.0, 1.0, 0.005,
                                           "Back-off: rejected verifications may cost at most this fraction "
                                           "of an uncached run (0.02: a run never costs more than 1.02x "
@@ -145,7 +150,7 @@ LEGACY_ORDER = ["preset", "method", "threshold", "forecaster", "order", "warmup_
 OPTIONS_ORDER = ["family", "method", "forecaster", "order", "warmup_steps", "max_forecast_steps",
                  "final_full_steps", "on_reject", "metric", "threshold_decay", "threshold_floor",
                  "storage_dtype", "granularity", "clusters", "gamma", "step_weighting", "max_overhead",
-                 "threshold_override", "memory_budget_mb", "trajectory_correction"]
+                 "threshold_override", "memory_budget_mb", "trajectory_correction", "target_speedup"]
 
 
 def legacy_inputs():
@@ -228,6 +233,10 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     override = float(opts.pop("threshold"))
     opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
     correction = CORRECTION_DEGREE if opts.pop("trajectory_correction") else 0
+    target_override = float(opts.pop("target_speedup"))
+    if target_override and not 1.0 <= target_override <= 20.0:
+        raise ValueError(f"Speculative Cache Options: target_speedup must be 0 (from the slider) or "
+                         f"between 1 and 20, got {target_override}")
     values = dict(opts, start_percent=start_percent, end_percent=end_percent)
     if mode in PAPER:
         preset = mode
@@ -240,9 +249,13 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
         # 0 = off, whatever the method: the model runs as without the node.
         config = _finish("custom", family, dict(values, method="speca", threshold=0.0))
         return config, "off (speed 0)"
+    if mode == "speed_target" and target_override:
+        # The run starts from the threshold of the slider position asking for this target
+        # (targets up to 5x run exactly as the slider would ask for them).
+        speed = slider_speed(target_override)
     values["threshold"] = override if override >= 0.0 else speed_to_threshold(speed, base)
     if mode == "speed_target":
-        values["target_speedup"] = mapped_target(speed)
+        values["target_speedup"] = target_override or mapped_target(speed)
         # Linear forecasts hold up better over the longer streaks a target asks for (on the
         # reference model at 2x: 40.2 dB with order 1, 32.3 dB with order 2); an order set
         # on the Options node still wins.
@@ -264,6 +277,8 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
         what = f"output level: up to {config.max_forecast_steps} forecasts after each computed step"
     else:
         what = f"threshold {config.threshold:.4g} ({config.metric})"
+    if target_override and mode != "speed_target":
+        what += f"; the Options node's target_speedup {target_override:g} is ignored (it is for mode speed_target)"
     return config, what
 
 
@@ -318,6 +333,10 @@ def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool,
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
         changes["step_weighting"] = True
+    if opts["max_forecast_steps"] == OPTIONS_DEFAULTS["max_forecast_steps"]:
+        # The target's own cap on forecasts in a row, where it is longer than the preset's
+        # (targets above 5x; up to 5x the preset's 8 is the tighter one, as before).
+        changes["max_forecast_steps"] = max(config.max_forecast_steps, streak_cap(config.target_speedup))
     return dataclasses.replace(config, **changes)
 
 

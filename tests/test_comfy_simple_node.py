@@ -124,6 +124,44 @@ def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, f
     assert config_of(simple(spec_nodes, flux, mode="speed_target", speed=0.25, options=opts)).warmup_steps == 5
 
 
+def test_the_options_target_goes_beyond_the_slider(spec_nodes, flux, inputs_mod):
+    """The Options node's target_speedup: up to 5x it runs exactly as the slider position
+    asking for it; beyond, it starts from the slider's end and lets the target's own cap on
+    forecasts in a row replace the preset's 8 (unless the Options node sets one); out of
+    range it is a clear error; in other modes it is ignored and the description says so."""
+    def target(speed=0.5, **opts):
+        return config_of(simple(spec_nodes, flux, mode="speed_target", speed=speed,
+                                options=options(spec_nodes, **opts)))
+    assert target(speed=0.9, target_speedup=3.0) == target(speed=0.5)
+    assert target(speed=0.2, target_speedup=5.0) == target(speed=1.0)
+    assert target(speed=1.0).max_forecast_steps == 8
+    beyond = target(target_speedup=7.0)
+    assert beyond.target_speedup == 7.0 and beyond.threshold == target(speed=1.0).threshold
+    assert beyond.max_forecast_steps == 12 and beyond.fitted_curvature
+    assert target(target_speedup=7.0, max_forecast_steps=6).max_forecast_steps == 6
+    for bad in (0.5, 25.0):
+        with pytest.raises(ValueError, match="target_speedup"):
+            target(target_speedup=bad)
+    auto = config_of(simple(spec_nodes, flux, options=options(spec_nodes, target_speedup=7.0)))
+    assert auto == config_of(simple(spec_nodes, flux)) and auto.target_speedup == 0.0
+    _, what = inputs_mod.simple_config("flux", "auto", 0.5, 0.0, 1.0, {"target_speedup": 7.0})
+    assert "target_speedup 7 is ignored" in what
+
+
+def test_a_target_beyond_5x_spends_less_than_the_slider_end(spec_nodes, stats_log):
+    """On the trained reference model at 50 steps, an 8x target from the Options node runs
+    fewer computed steps than the slider's 5x, and its stats carry the target."""
+    from benchmarks import reference_model as rm
+    ref_model = rm.load_reference()
+    fractions = []
+    for opts in (None, options(spec_nodes, target_speedup=8.0)):
+        rm.sample(simple(spec_nodes, ref_model, mode="speed_target", speed=1.0, options=opts), [0], [1], steps=50)
+        fractions.append(stats_log[-1]["compute_fraction"])
+    assert stats_log[-1]["target_speedup"] == 8.0
+    assert fractions[1] < fractions[0] <= 0.25, fractions
+    assert 1.0 / fractions[1] > 5.5, stats_log[-1]["timeline"]
+
+
 def test_at_the_output_level_the_slider_sets_the_forecasts_in_a_row(spec_nodes, stats_log):
     """A model the cache reaches only at the output level (Lumina 2) has no verification
     threshold to set: the slider sets how many forecasts follow a computed step, and a

@@ -665,6 +665,7 @@ def test_speed_target_out_of_reach_spends_all_it_may_and_says_so(core):
     stats = simulate_growing_errors(core, cfg, 10, 0.02)
     assert stats.target_speedup == 5.0 and 1.0 / stats.compute_fraction < 5.0
     assert stats.timeline == "CCCFFFFFFC"                          # every free step forecast
+    assert stats.to_dict()["target_missed"] and "target missed" in stats.summary_line()
     with pytest.raises(ValueError, match="target_speedup"):
         core.CacheConfig(target_speedup=0.5)
 
