@@ -31,6 +31,14 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   ``FittedCurvatureForecaster``, here after CFG; ``speed_target`` runs it per stream, cond and
   uncond apart, and only on forecasts its correction will correct, so the two differ slightly.
 
+* ``learned``: each forecast step's output (as noise) a weighted sum of the noise at the three
+  computed steps before it, the weights fitted by least squares to uncached runs of other seeds
+  and classes (``--calibration`` runs; L2P's learned linear predictor, algorithms.md section 11),
+  for this schedule and step count.
+
+A step before the second computed one that is not in the schedule is given the first computed
+step's output again (a reuse), so the schedule is exactly the steps that run the model.
+
 Prints the per-picture mean PSNR against the uncached sampler (same seeds as the benchmark)."""
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from . import comfy_env
 
 STEPS = 28
 CFG = 2.0
+LEARNED_POINTS = 3
 
 
 @functools.cache
@@ -77,10 +86,14 @@ def _denoised(x, noise, sigma):
 class Scheme:
     """One forecast scheme's state over one sampling run."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, learned_weights: dict | None = None):
         kind, _, arg = name.partition(":")
-        if kind not in ("noise", "denoised", "mix", "adaptive", "select", "curve", "curvefit"):
+        if kind not in ("noise", "denoised", "mix", "adaptive", "select", "curve", "curvefit", "learned"):
             raise ValueError(f"unknown scheme {name!r}")
+        if kind == "learned" and learned_weights is None:
+            raise ValueError("the learned scheme needs weights fitted to calibration runs (fit_learned_weights)")
+        self.learned_weights = learned_weights
+        self.computed_noise = {}            # learned: step -> the noise computed there
         self.kind = kind
         self.mix = float(arg) if kind == "mix" else (1.0 if kind == "denoised" else 0.0)
         self.curve = float(arg) if kind == "curve" else 0.0
@@ -94,7 +107,7 @@ class Scheme:
         from_denoised = _interpolate(self.denoised_nodes[-2:], sigma)
         return from_noise, from_denoised
 
-    def computed(self, x, denoised, sigma):
+    def computed(self, x, denoised, sigma, step: int):
         if self.kind == "adaptive" and len(self.noise_nodes) >= 2:
             from_noise, from_denoised = self._linear(x, sigma)
             diff = from_denoised - from_noise
@@ -107,10 +120,17 @@ class Scheme:
             self.choice = errors.argmin(0)
         if self.fitted is not None:
             self.fitted.update(sigma, eps)
+        if self.learned_weights is not None:
+            self.computed_noise[step] = eps
         self.noise_nodes = (self.noise_nodes + [(sigma, eps)])[-3:]
         self.denoised_nodes = (self.denoised_nodes + [(sigma, denoised)])[-3:]
 
-    def forecast(self, x, sigma):
+    def forecast(self, x, sigma, step: int):
+        if len(self.noise_nodes) < 2:
+            return _denoised(x, self.noise_nodes[-1][1], sigma)        # one point: reuse it
+        if self.learned_weights is not None and step in self.learned_weights:
+            sources, weights = self.learned_weights[step]
+            return _denoised(x, sum(w * self.computed_noise[c] for w, c in zip(weights, sources)), sigma)
         if self.kind == "select":
             linear = _interpolate(self.noise_nodes[-2:], sigma)
             if self.choice is None:
@@ -130,26 +150,25 @@ class Scheme:
         return (1.0 - self.mix) * from_noise + self.mix * from_denoised
 
 
-def lab_sampler(computed: set, scheme: str, correction_degree: int = 2):
+def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_weights: dict | None = None):
     """An Euler sampler function (for ``comfy.samplers.KSAMPLER``) that runs the model at the
-    steps in ``computed`` (and wherever fewer than two computed steps are known) and forecasts
-    the others with ``scheme``."""
+    steps in ``computed`` (and at the first step) and forecasts the others with ``scheme``."""
     correction = _correction()
 
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         s_in = x.new_ones([x.shape[0]])
-        state = Scheme(scheme)
+        state = Scheme(scheme, learned_weights)
         corrector = correction.TrajectoryCorrection(True, correction_degree) if correction_degree else None
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-            run_model = i in computed or len(state.noise_nodes) < 2
+            run_model = i in computed or not state.noise_nodes
             if run_model:
                 denoised = model(x, sigmas[i] * s_in, **extra_args)
-                state.computed(x, denoised, sigma)
+                state.computed(x, denoised, sigma, i)
             else:
-                denoised = state.forecast(x, sigma)
+                denoised = state.forecast(x, sigma, i)
             if corrector is not None:
                 denoised = corrector.observe(x, denoised, sigma, sigma_next, run_model)
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
@@ -157,14 +176,50 @@ def lab_sampler(computed: set, scheme: str, correction_degree: int = 2):
     return sample
 
 
+def recording_sampler(trajectories: list):
+    """An Euler sampler function that computes every step and appends the run's noise after
+    CFG, one tensor per step, to ``trajectories`` (the calibration of ``learned``)."""
+    @torch.no_grad()
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        s_in = x.new_ones([x.shape[0]])
+        noise = []
+        for i in range(len(sigmas) - 1):
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = model(x, sigmas[i] * s_in, **extra_args)
+            noise.append(_noise(x, denoised, sigma))
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        trajectories.append(noise)
+        return x
+    return sample
+
+
+def fit_learned_weights(trajectories: list, computed: set, steps: int, points: int = LEARNED_POINTS) -> dict:
+    """For each step not in ``computed`` after the second computed one: the least-squares
+    weights of the noise at the (up to) ``points`` computed steps before it that best give its
+    noise, over every element of the calibration runs. {step: (source steps, weights)}."""
+    order = sorted(computed)
+    weights = {}
+    for j in range(steps):
+        sources = [c for c in order if c < j][-points:]
+        if j in computed or len(sources) < 2:
+            continue
+        a = torch.cat([torch.stack([t[c].flatten() for c in sources], 1) for t in trajectories]).double()
+        b = torch.cat([t[j].flatten() for t in trajectories]).double().unsqueeze(1)
+        weights[j] = (sources, torch.linalg.lstsq(a, b).solution.squeeze(1).tolist())
+    return weights
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="reference_deep", help="reference (6 blocks) or reference_deep (19 blocks)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--schedule", action="append", required=True,
-                    help="the computed steps, comma-separated (0-based, of 28); may be given more than once")
+                    help="the computed steps, comma-separated (0-based, of --steps); may be given more than once")
     ap.add_argument("--no-correction", action="store_true", help="without the trajectory correction")
-    ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select, curve:L, curvefit")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--calibration", type=int, default=8, help="learned: uncached runs to fit its weights to")
+    ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select, curve:L, curvefit, learned")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
     comfy_env.pack_nodes()
@@ -172,15 +227,22 @@ def main(argv=None) -> int:
     model = rm.load_reference(args.model)
     labels = [i % len(rm.CLASSES) for i in range(args.samples)]
     seeds = [1000 + i for i in range(args.samples)]
-    reference = rm.sample(model, labels, seeds, steps=STEPS, cfg=CFG)
+    reference = rm.sample(model, labels, seeds, steps=args.steps, cfg=CFG)
+    trajectories = []
+    if "learned" in args.schemes:          # other seeds and classes than the ones measured
+        rm.sample(model, [(i + 3) % len(rm.CLASSES) for i in range(args.calibration)],
+                  [5000 + i for i in range(args.calibration)], steps=args.steps, cfg=CFG,
+                  sampler=recording_sampler(trajectories))
     degree = 0 if args.no_correction else 2
     for schedule in args.schedule:
-        computed = [int(s) for s in schedule.split(",")]
+        computed = {int(s) for s in schedule.split(",")} | {0}
         for scheme in args.schemes:
-            images = rm.sample(model, labels, seeds, steps=STEPS, cfg=CFG,
-                               sampler=lab_sampler(set(computed), scheme, degree))
+            weights = fit_learned_weights(trajectories, computed, args.steps) if scheme == "learned" else None
+            images = rm.sample(model, labels, seeds, steps=args.steps, cfg=CFG,
+                               sampler=lab_sampler(computed, scheme, degree, weights))
             mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
-            print(f"{schedule:28s} {scheme:12s} compute {len(computed) / STEPS:.3f}  PSNR {mean:6.2f} dB", flush=True)
+            print(f"{schedule:28s} {scheme:12s} compute {len(computed) / args.steps:.3f}  PSNR {mean:6.2f} dB",
+                  flush=True)
     return 0
 
 

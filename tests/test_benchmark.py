@@ -33,6 +33,30 @@ def test_ssim_matches_the_reference_implementation():
     assert ssim(a, 1 - a) < 0
 
 
+def test_forecast_lab_fits_the_learned_weights_that_made_the_calibration_runs():
+    """The lab's ``learned`` scheme (L2P): where each forecast step's noise is a fixed mix of the
+    computed steps before it in every calibration run, the least-squares fit gives that mix back;
+    steps with fewer than two computed steps before them, and computed steps, get none."""
+    from benchmarks.forecast_lab import fit_learned_weights
+    g = torch.Generator().manual_seed(0)
+    computed = {0, 3, 7}
+    mixes = {4: [0.5, 1.5], 5: [-1.0, 2.0], 6: [0.25, 0.75], 8: [0.1, -0.3, 1.2], 9: [0.0, -1.0, 2.0]}
+    runs = []
+    for _ in range(3):
+        noise = {c: torch.randn(4, 8, 8, generator=g) for c in computed}
+        noise.update({j: torch.randn(4, 8, 8, generator=g) for j in (1, 2)})
+        for j, mix in mixes.items():
+            sources = [c for c in sorted(computed) if c < j][-3:]
+            noise[j] = sum(w * noise[c] for w, c in zip(mix, sources))
+        runs.append([noise[i] for i in range(10)])
+    weights = fit_learned_weights(runs, computed, 10)
+    assert sorted(weights) == sorted(mixes)
+    for j, mix in mixes.items():
+        sources, fitted = weights[j]
+        assert sources == [c for c in sorted(computed) if c < j][-3:]
+        assert fitted == pytest.approx(mix, abs=1e-6)
+
+
 @pytest.mark.comfy
 def test_mac_counter_against_a_hand_counted_block(spec_nodes):
     import comfy.ops
