@@ -36,6 +36,9 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   and classes (``--calibration`` runs; L2P's learned linear predictor, algorithms.md section 11),
   for this schedule and step count.
 
+``--uncond-schedule``: uncond's output is used only at some of the computed steps and forecast
+(linearly, before CFG) at the others; cond and uncond each count half of a computed step.
+
 A step before the second computed one that is not in the schedule is given the first computed
 step's output again (a reuse), so the schedule is exactly the steps that run the model.
 
@@ -150,14 +153,43 @@ class Scheme:
         return (1.0 - self.mix) * from_noise + self.mix * from_denoised
 
 
-def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_weights: dict | None = None):
+class UncondForecast:
+    """A ``sampler_cfg_function`` that keeps uncond's real output only at the steps in
+    ``computed`` and replaces it elsewhere with the line through its last two (one: reuse),
+    in the noise it implies, before CFG combines it with cond's."""
+
+    def __init__(self, computed: set):
+        self.computed = computed
+        self.step = 0
+        self.nodes = []
+
+    def __call__(self, args):
+        x, sigma = args["input"], float(args["sigma"].flatten()[0])
+        uncond = args["uncond_denoised"]
+        if self.step in self.computed or not self.nodes:
+            self.nodes = (self.nodes + [(sigma, _noise(x, uncond, sigma))])[-2:]
+        else:
+            uncond = _denoised(x, _interpolate(self.nodes, sigma), sigma)
+        return x - (uncond + args["cond_scale"] * (args["cond_denoised"] - uncond))
+
+
+def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_weights: dict | None = None,
+                uncond_computed: set | None = None):
     """An Euler sampler function (for ``comfy.samplers.KSAMPLER``) that runs the model at the
-    steps in ``computed`` (and at the first step) and forecasts the others with ``scheme``."""
+    steps in ``computed`` (and at the first step) and forecasts the others with ``scheme``.
+    ``uncond_computed`` (a subset of ``computed``): uncond's output is used only at these
+    steps, forecast at the other computed ones (``UncondForecast``)."""
     correction = _correction()
+    if uncond_computed is not None and correction_degree:
+        raise ValueError("uncond forecast apart: the correction assumes whole computed steps; use --no-correction")
 
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
+        extra_args = dict(extra_args or {})
+        uncond_hook = None
+        if uncond_computed is not None:
+            uncond_hook = UncondForecast(uncond_computed)
+            extra_args["model_options"] = {**extra_args.get("model_options", {}), "sampler_cfg_function": uncond_hook}
         s_in = x.new_ones([x.shape[0]])
         state = Scheme(scheme, learned_weights)
         corrector = correction.TrajectoryCorrection(True, correction_degree) if correction_degree else None
@@ -165,6 +197,8 @@ def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             run_model = i in computed or not state.noise_nodes
             if run_model:
+                if uncond_hook is not None:
+                    uncond_hook.step = i
                 denoised = model(x, sigmas[i] * s_in, **extra_args)
                 state.computed(x, denoised, sigma, i)
             else:
@@ -219,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-correction", action="store_true", help="without the trajectory correction")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--calibration", type=int, default=8, help="learned: uncached runs to fit its weights to")
+    ap.add_argument("--uncond-schedule", help="the steps at which uncond's output is used (a subset of the "
+                    "schedule; forecast at the others); 'all': every step computed, uncond at --schedule. "
+                    "Needs --no-correction")
     ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select, curve:L, curvefit, learned")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
@@ -236,13 +273,21 @@ def main(argv=None) -> int:
     degree = 0 if args.no_correction else 2
     for schedule in args.schedule:
         computed = {int(s) for s in schedule.split(",")} | {0}
+        uncond = None
+        if args.uncond_schedule == "all":            # cond at every step, uncond at the schedule
+            computed, uncond = set(range(args.steps)), computed
+        elif args.uncond_schedule:
+            uncond = {int(s) for s in args.uncond_schedule.split(",")} | {0}
+            if not uncond <= computed:
+                ap.error("--uncond-schedule must be a subset of --schedule")
+        # cond and uncond each cost half of a computed step
+        compute = len(computed) / args.steps if uncond is None else (len(computed) + len(uncond)) / (2 * args.steps)
         for scheme in args.schemes:
             weights = fit_learned_weights(trajectories, computed, args.steps) if scheme == "learned" else None
             images = rm.sample(model, labels, seeds, steps=args.steps, cfg=CFG,
-                               sampler=lab_sampler(computed, scheme, degree, weights))
+                               sampler=lab_sampler(computed, scheme, degree, weights, uncond))
             mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
-            print(f"{schedule:28s} {scheme:12s} compute {len(computed) / args.steps:.3f}  PSNR {mean:6.2f} dB",
-                  flush=True)
+            print(f"{schedule:28s} {scheme:12s} compute {compute:.3f}  PSNR {mean:6.2f} dB", flush=True)
     return 0
 
 

@@ -244,3 +244,12 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     lab_images = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(computed, "noise"))
     assert rm.psnr(lab_images, engine) > 80              # the same picture, up to float rounding
     assert rm.psnr(lab_images, uncached) < 45            # (and not the uncached one)
+    # uncond forecast apart (--uncond-schedule): every step's uncond used is the uncached picture
+    # again (up to the rounding of x - (x - cfg)); uncond at the engine's steps only is not
+    every = set(range(28))
+    kept = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(every, "noise", 0, uncond_computed=every))
+    assert rm.psnr(kept, uncached) > 80
+    apart = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(every, "noise", 0, uncond_computed=computed))
+    assert 20 < rm.psnr(apart, uncached) < 60
+    with pytest.raises(ValueError, match="no-correction"):
+        lab.lab_sampler(every, "noise", 2, uncond_computed=computed)
