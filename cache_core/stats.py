@@ -121,5 +121,6 @@ class RunStats:
 
     @property
     def target_missed(self) -> bool:
-        """A speed target the run fell short of by more than 5 %."""
-        return bool(self.target_speedup) and self.estimated_speedup < 0.95 * self.target_speedup
+        """A speed target the run fell short of by more than 10 % (the slider's 2x and 5x land
+        6-7 % short on the reference models: the steps are whole)."""
+        return bool(self.target_speedup) and self.estimated_speedup < 0.9 * self.target_speedup

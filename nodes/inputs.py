@@ -333,9 +333,11 @@ def _speed_target_schedule(config: CacheConfig, opts: dict, looks_back: bool,
         changes["warmup_steps"] = min(config.warmup_steps, config.order + 1)
     if opts["step_weighting"] == OPTIONS_DEFAULTS["step_weighting"]:
         changes["step_weighting"] = True
-    if opts["max_forecast_steps"] == OPTIONS_DEFAULTS["max_forecast_steps"]:
-        # The target's own cap on forecasts in a row, where it is longer than the preset's
-        # (targets above 5x; up to 5x the preset's 8 is the tighter one, as before).
+    if (opts["max_forecast_steps"] == OPTIONS_DEFAULTS["max_forecast_steps"]
+            and config.target_speedup > mapped_target(1.0)):
+        # Beyond the slider's end (the Options node's target_speedup) the target's own cap on
+        # forecasts in a row, where it is longer than the family's; the slider's targets keep
+        # the family's cap, as before.
         changes["max_forecast_steps"] = max(config.max_forecast_steps, streak_cap(config.target_speedup))
     return dataclasses.replace(config, **changes)
 

@@ -139,6 +139,10 @@ def test_the_options_target_goes_beyond_the_slider(spec_nodes, flux, inputs_mod)
     assert beyond.target_speedup == 7.0 and beyond.threshold == target(speed=1.0).threshold
     assert beyond.max_forecast_steps == 12 and beyond.fitted_curvature
     assert target(target_speedup=7.0, max_forecast_steps=6).max_forecast_steps == 6
+    # the slider's targets keep the family's cap (the generic family's is 2)
+    generic = {t: inputs_mod.simple_config("generic", "speed_target", 1.0, 0.0, 1.0,
+                                           {"target_speedup": t})[0].max_forecast_steps for t in (0.0, 5.0, 7.0)}
+    assert generic == {0.0: 2, 5.0: 2, 7.0: 12}
     for bad in (0.5, 25.0):
         with pytest.raises(ValueError, match="target_speedup"):
             target(target_speedup=bad)
