@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .output_space import SPACES
+from .target import MAX_TARGET_SPEEDUP
 
 METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
@@ -160,8 +161,9 @@ class CacheConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.max_overhead >= 0.0):
             problems.append(f"max_overhead must be >= 0, got {self.max_overhead}")
-        if not (self.target_speedup == 0.0 or 1.0 <= self.target_speedup <= 20.0):
-            problems.append(f"target_speedup must be 0 (off) or in [1, 20], got {self.target_speedup}")
+        if not (self.target_speedup == 0.0 or 1.0 <= self.target_speedup <= MAX_TARGET_SPEEDUP):
+            problems.append(f"target_speedup must be 0 (off) or in [1, {MAX_TARGET_SPEEDUP:g}], "
+                            f"got {self.target_speedup}")
         if self.max_forecast_steps < 1:
             problems.append(f"max_forecast_steps must be >= 1, got {self.max_forecast_steps}")
         if not (0.0 <= self.start_percent <= 1.0 and 0.0 <= self.end_percent <= 1.0):

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import math
 
+# The highest speed-up a target may ask for (the config's check and the Options node's input).
+MAX_TARGET_SPEEDUP = 20.0
+
 
 def mapped_target(speed: float, lo: float = 1.0, hi: float = 5.0) -> float:
     """The target speed-up of the simple node's ``speed`` slider in target mode:

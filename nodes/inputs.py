@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..cache_core import CacheConfig
 from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
 from ..cache_core.presets import PAPER, PRESETS, resolve_settings
-from ..cache_core.target import mapped_target, slider_speed, streak_cap
+from ..cache_core.target import MAX_TARGET_SPEEDUP, mapped_target, slider_speed, streak_cap
 from .adapters import OutputAdapter
 
 _D = CacheConfig()
@@ -132,7 +132,7 @@ ADVANCED = {
                 "model's device. Above it a run stores bfloat16, then uses stack granularity, then a lower "
                 "order, then does not forecast; the console says which."),
     "target_speedup": lambda: io.Float.Input(
-        "target_speedup", default=0.0, min=0.0, max=20.0, step=0.1,
+        "target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.1,
         tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed "
                 "(which stops at 5x); speed 0 still turns the node off. 0: from the slider. Beyond 5x "
                 "it needs many steps: on 28 steps the picture changes visibly (README, \"Beyond 5x\")."),
@@ -234,9 +234,10 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
     opts.pop("memory_budget_mb")           # a run setting, not the engine's (see memory_budget)
     correction = CORRECTION_DEGREE if opts.pop("trajectory_correction") else 0
     target_override = float(opts.pop("target_speedup"))
-    if target_override and not 1.0 <= target_override <= 20.0:
+    if target_override and not 1.0 <= target_override <= MAX_TARGET_SPEEDUP:
+        # (checked here too: outside speed_target the value never reaches the config's check)
         raise ValueError(f"Speculative Cache Options: target_speedup must be 0 (from the slider) or "
-                         f"between 1 and 20, got {target_override}")
+                         f"between 1 and {MAX_TARGET_SPEEDUP:g}, got {target_override}")
     values = dict(opts, start_percent=start_percent, end_percent=end_percent)
     if mode in PAPER:
         preset = mode
