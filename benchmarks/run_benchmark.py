@@ -123,14 +123,21 @@ def focus_grid(plan) -> list[Method]:
 
 
 def beyond_grid(plan=None) -> list[Method]:
-    """Speed targets beyond the slider's 5x (the Options node's ``target_speedup``) against
-    the fixed-interval TaylorSeer at the same compute, and the node's defaults."""
+    """Speed targets from 4x to beyond the slider's 5x (the Options node's ``target_speedup``),
+    planned (their default from 4x on) and adaptive, against the fixed-interval TaylorSeer at
+    the same compute, and the node's defaults."""
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
-    grid.append(Method("speca", {"mode": "speed_target", "target_speedup": 5.0},
-                       main_node(mode="speed_target", speed=1.0)))
+    for target in (4.0, 5.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", speed=(target - 1.0) / 4.0)))
     for target in (6.0, 7.0, 8.0):
         grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
                            main_node(mode="speed_target", options={"target_speedup": target})))
+    for target in (5.0, 7.0):        # the threshold loop placing the calls (before planning)
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target,
+                                     "target_schedule": "adaptive"},
+                           main_node(mode="speed_target", options={"target_speedup": target,
+                                                                   "target_schedule": "adaptive"})))
     for n in (4, 6, 7, 8):
         grid.append(Method("taylorseer", {"interval": n, "order": 1},
                            ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .output_space import SPACES
-from .target import MAX_TARGET_SPEEDUP
+from .target import MAX_TARGET_SPEEDUP, PLANNED_FROM
 
 METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
@@ -15,6 +15,7 @@ TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1", "relative_change")
 ON_REJECT = ("redo", "next")
 ACCEPTANCE = ("probe", "lookback")
+TARGET_SCHEDULES = ("auto", "planned", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class CacheConfig:
     # Speed target (see target.py): when >= 1, the threshold is steered during the run so
     # that it spends 1/target_speedup of an uncached run's compute. 0 turns it off.
     target_speedup: float = 0.0
+    # Where a speed target puts its model calls: "planned" places them before the run from the
+    # sigmas (target.plan_schedule), "adaptive" lets the threshold loop place them, "auto"
+    # plans from target.PLANNED_FROM on.
+    target_schedule: str = "auto"
     # "stack": forecast the residual of each block stage (small memory). "block": forecast
     # every block's attention and MLP outputs before the gate (TaylorSeer; large memory).
     granularity: str = "stack"
@@ -124,6 +129,8 @@ class CacheConfig:
             problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
         if not (0.0 < self.hicache_scale <= 2.0):
             problems.append(f"hicache_scale must be in (0, 2], got {self.hicache_scale}")
+        if self.target_schedule not in TARGET_SCHEDULES:
+            problems.append(f"target_schedule must be one of {TARGET_SCHEDULES}, got {self.target_schedule!r}")
         if self.acceptance not in ACCEPTANCE:
             problems.append(f"acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
         elif self.acceptance == "lookback" and self.method != "speca":
@@ -174,6 +181,15 @@ class CacheConfig:
             problems.append(f"storage_dtype must be float32, bfloat16 or float16, got {self.storage_dtype!r}")
         if problems:
             raise ValueError("Speculative Cache: " + "; ".join(problems))
+
+    @property
+    def plans_target(self) -> bool:
+        """Whether the speed target's model calls are planned before the run (target.py)."""
+        if self.target_speedup < 1.0:
+            return False
+        if self.target_schedule == "auto":
+            return self.target_speedup >= PLANNED_FROM
+        return self.target_schedule == "planned"
 
     @property
     def verifies(self) -> bool:

@@ -20,17 +20,23 @@ import torch
 
 SPACES = ("model", "noise")
 
-# Below this 1 - sigma the way back divides by almost nothing: such steps (the very start of
-# a schedule, which is warm-up anyway) are computed, not forecast.
-MIN_SIGNAL = 0.01
+# Below this 1 - sigma the way back divides by almost nothing: such steps are computed, not
+# forecast. Both directions run in float32 at least: near sigma 1, eps - x is a small
+# difference of two large numbers (at 1 - sigma = 0.006, the second step of 50, bfloat16's
+# 3 digits would leave the velocity no correct digit).
+MIN_SIGNAL = 1e-3
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def noise_from_velocity(v: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return x.to(v.dtype) + (1.0 - sigma) * v
+    return _wide(x) + (1.0 - sigma) * _wide(v)
 
 
 def velocity_from_noise(eps: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return (eps - x.to(eps.dtype)) / (1.0 - sigma)
+    return (_wide(eps) - _wide(x)) / (1.0 - sigma)
 
 
 def can_forecast_noise(sigma: float) -> bool:

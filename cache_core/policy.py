@@ -64,6 +64,9 @@ class Policy:
         # computed step, and the longest distance measured in this run.
         self.lookback = None
         self.lookback_reach = 0
+        # A planned speed target (target.plan_schedule): the steps that run the model; the
+        # others are forecast without a check (None: the threshold decides).
+        self.plan: frozenset | None = None
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -73,6 +76,8 @@ class Policy:
         full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
         if not c.enabled:
             return full("disabled")
+        if self.plan is not None:
+            return self._decide_planned(step_index, time, has_history)
         if c.paper_schedule and self.last_full and has_history and step_index < self.total_steps - c.final_full_steps:
             # SpeCa's reference state machine: after a full step always one forecast, even
             # in warm-up (so warm-up 3 computes steps 0 and 2).
@@ -111,6 +116,20 @@ class Policy:
             if predicted is not None and predicted < c.skip_verify_below * tau:
                 return Decision(StepMode.FORECAST, False, "predicted_accept")
         return Decision(StepMode.FORECAST, verify, "speculate")
+
+    def _decide_planned(self, step_index: int, time: float, has_history: bool) -> Decision:
+        """A planned speed target: the plan's steps run the model, the others are forecast
+        (the plan already holds the final steps and those outside the window)."""
+        full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
+        if step_index >= self.total_steps - self.config.final_full_steps:
+            return full("final")
+        if not (self.start_time >= time > self.end_time):
+            return full("window")
+        if not has_history:
+            return full("no_history")
+        if step_index in self.plan:
+            return full("plan")
+        return Decision(StepMode.FORECAST, False, "plan")
 
     def _decide_lookback(self, step_index: int) -> Decision:
         """Lookback acceptance: nothing runs on a forecast step, so a forecast is checked after

@@ -13,10 +13,11 @@ import torch
 from .config import CacheConfig
 from .correction import MAX_CORRECTED_STREAK
 from .forecasters import make_forecaster
+from .output_space import can_forecast_noise
 from .policy import Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
-from .target import SpeedTarget
+from .target import SpeedTarget, plan_schedule, planned_calls
 from .verifier import Verifier, relative_norm
 
 
@@ -33,7 +34,7 @@ def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
 
 
 # Decisions the policy takes whatever the threshold: the speed target does not learn from them.
-_FORCED = ("disabled", "warmup", "final", "window", "no_history")
+_FORCED = ("disabled", "warmup", "final", "window", "no_history", "plan")
 
 
 class SpeculativeRun:
@@ -53,6 +54,8 @@ class SpeculativeRun:
         if config.target_speedup >= 1.0 and config.verifies and config.enabled:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
+            if config.plans_target:
+                self._plan_target(total_steps, sigmas, start_time, end_time)
         self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (note_correction)
         self.correction = None      # the trajectory correction the glue attached (correction.py), or None
         self._allowed = None        # the speed target's allowed cost for this evaluation
@@ -63,6 +66,23 @@ class SpeculativeRun:
         self._eval_lookback = None     # the worst lookback error measured in this evaluation
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
+
+    def _plan_target(self, total_steps: int, sigmas, start_time: float, end_time: float) -> None:
+        """Place the target's model calls before the run (target.plan_schedule). Without the
+        sigmas, steps of equal size are assumed."""
+        steps = max(int(total_steps), 1)
+        if sigmas is None or len(sigmas) != steps + 1:
+            sigmas = [1.0 - i / steps for i in range(steps + 1)]
+        sigmas = [float(x) for x in sigmas]
+        final = range(max(steps - self.config.final_full_steps, 0), steps)
+        outside = [k for k in range(steps) if not (start_time >= sigmas[k] > end_time)]
+        # a flow model's output forecast in noise space cannot be turned back this close to sigma 1
+        unservable = ([k for k in range(1, steps) if not can_forecast_noise(sigmas[k])]
+                      if self.config.output_space == "noise" else [])
+        plan = plan_schedule(sigmas, planned_calls(steps, self.config.target_speedup),
+                             [*final, *outside, *unservable])
+        self.policy.plan = frozenset(plan)
+        self.stats.planned_steps = plan
 
     # ---- evaluation (one model call of the sampler, all chunks) -------------------
     def begin_evaluation(self, sigma: float, step_index: int | None = None) -> Decision:

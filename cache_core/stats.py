@@ -33,6 +33,7 @@ class RunStats:
     internal_error: str = ""    # set when an error ended the cache early in this run
     target_speedup: float = 0.0  # the speed target (0: none)
     threshold_scale: float = 1.0  # the speed target's last threshold multiplier
+    planned_steps: list = field(default_factory=list)  # a planned speed target's computed steps (0-based)
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
     estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
     weight_changes: int = 0     # stream histories dropped because the model's weights changed mid-run
@@ -99,6 +100,8 @@ class RunStats:
             "internal_error": self.internal_error,
             "target_speedup": self.target_speedup, "target_missed": self.target_missed,
             "threshold_scale": round(self.threshold_scale, 4),
+            "target_schedule": ("planned" if self.planned_steps else "adaptive") if self.target_speedup else "",
+            "planned_steps": list(self.planned_steps),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "weight_changes": self.weight_changes,
@@ -114,10 +117,14 @@ class RunStats:
                 f"{self.rejected} rejected of {self.verified} verified; compute fraction "
                 f"{self.compute_fraction:.3f}, est. speedup {self.estimated_speedup:.2f}x, "
                 f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
-                + (f"; target {self.target_speedup:.2f}x (threshold x{self.threshold_scale:.2f})"
-                   if self.target_speedup else "")
+                + (f"; target {self.target_speedup:.2f}x ({self._target_how()})" if self.target_speedup else "")
                 + ("; target missed (too few steps for it, or forecasts that would not hold)"
                    if self.target_missed else ""))
+
+    def _target_how(self) -> str:
+        if self.planned_steps:
+            return f"planned: {len(self.planned_steps)} calls at steps {', '.join(map(str, self.planned_steps))}"
+        return f"threshold x{self.threshold_scale:.2f}"
 
     @property
     def target_missed(self) -> bool:

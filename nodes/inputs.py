@@ -13,7 +13,7 @@ from dataclasses import fields
 from comfy_api.latest import io
 
 from ..cache_core import CacheConfig
-from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT
+from ..cache_core.config import FORECASTERS, METHODS, METRICS, ON_REJECT, TARGET_SCHEDULES
 from ..cache_core.presets import PAPER, PRESETS, resolve_settings
 from ..cache_core.target import MAX_TARGET_SPEEDUP, mapped_target, slider_speed, streak_cap
 from .adapters import OutputAdapter
@@ -136,6 +136,12 @@ ADVANCED = {
         tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed "
                 "(which stops at 5x); speed 0 still turns the node off. 0: from the slider. Beyond 5x "
                 "it needs many steps: on 28 steps the picture changes visibly (README, \"Beyond 5x\")."),
+    "target_schedule": lambda: io.Combo.Input(
+        "target_schedule", options=list(TARGET_SCHEDULES), default=_D.target_schedule,
+        tooltip="Mode speed_target: where the model runs. planned = the target's model calls are placed "
+                "before the run from the sampler's sigmas (long runs of forecasts on the small early "
+                "steps, short ones on the big late steps); adaptive = the steered threshold places them "
+                "from the errors it measures; auto = planned from 4x on."),
     "max_overhead": lambda: _slider_float("max_overhead", _D.max_overhead, 0.0, 1.0, 0.005,
                                           "Back-off: rejected verifications may cost at most this fraction "
                                           "of an uncached run (0.02: a run never costs more than 1.02x "
@@ -150,7 +156,8 @@ LEGACY_ORDER = ["preset", "method", "threshold", "forecaster", "order", "warmup_
 OPTIONS_ORDER = ["family", "method", "forecaster", "order", "warmup_steps", "max_forecast_steps",
                  "final_full_steps", "on_reject", "metric", "threshold_decay", "threshold_floor",
                  "storage_dtype", "granularity", "clusters", "gamma", "step_weighting", "max_overhead",
-                 "threshold_override", "memory_budget_mb", "trajectory_correction", "target_speedup"]
+                 "threshold_override", "memory_budget_mb", "trajectory_correction", "target_speedup",
+                 "target_schedule"]
 
 
 def legacy_inputs():

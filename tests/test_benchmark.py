@@ -226,7 +226,8 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     """benchmarks.forecast_lab compares forecast schemes at a fixed schedule; its ``noise`` scheme
     (with the trajectory correction) must be what the node's linear forecast does, so that its
     numbers stand for the node's: at the schedule a 4x speed target with the linear forecast took
-    (order 1 set on the Options node, which turns the fitted curvature off), the same picture.
+    (order 1 set on the Options node, which turns the fitted curvature off; a planned target), the
+    same picture.
     Every step computed gives the uncached one."""
     from benchmarks import forecast_lab as lab
     from benchmarks import reference_model as rm
@@ -243,7 +244,7 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     assert s["corrected"] > 0 and s["forecast"] > 15 and len(computed) == 28 - s["forecast"]
     lab_images = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(computed, "noise"))
     assert rm.psnr(lab_images, engine) > 80              # the same picture, up to float rounding
-    assert rm.psnr(lab_images, uncached) < 45            # (and not the uncached one)
+    assert rm.psnr(lab_images, uncached) < 60            # (and not the uncached one)
     # uncond forecast apart (--uncond-schedule): every step's uncond used is the uncached picture
     # again (up to the rounding of x - (x - cfg)); uncond at the engine's steps only is not
     every = set(range(28))

@@ -142,3 +142,29 @@ def test_trajectory_correction_with_euler_and_off_for_other_samplers(spec_nodes,
     # an exact tolerance set on the Options node stays exact
     assert config_of(simple(spec_nodes, model, options=options(spec_nodes, threshold=0.05))
                      ).uncorrected_threshold_scale == 1.0
+
+
+def test_a_planned_speed_target_on_the_reference_model(spec_nodes, stats_log):
+    """6x on 50 steps (the Options node's target_speedup; planned from 4x on): exactly the
+    planned steps run the model (8 of 50, the first and the last among them, none verified), the
+    second step is forecast in noise space (1 - sigma = 0.006, in float32), and the pictures
+    stay closer to the uncached ones than the threshold loop's at the same target, which
+    spends at least as much."""
+    from benchmarks import reference_model as rm
+    model = rm.load_reference()
+    labels, seeds = [0, 1], [1000, 1001]
+    uncached = rm.sample(model, labels, seeds, steps=50)
+    planned = rm.sample(simple(spec_nodes, model, mode="speed_target",
+                               options=options(spec_nodes, target_speedup=6.0)), labels, seeds, steps=50)
+    for s in stats_log[-2:]:
+        computed = [i for i, c in enumerate(s["timeline"]) if c == "C"]
+        assert s["target_schedule"] == "planned" and computed == s["planned_steps"], s["timeline"]
+        assert len(computed) == 8 and computed[0] == 0 and computed[-1] == 49 and s["timeline"][1] == "F"
+        assert s["verified"] == 0 and s["compute_fraction"] == pytest.approx(8 / 50, abs=0.002)
+        assert not s["target_missed"] and not s["internal_error"] and s["correction"] == "on"
+    adaptive = rm.sample(simple(spec_nodes, model, mode="speed_target",
+                                options=options(spec_nodes, target_speedup=6.0, target_schedule="adaptive")),
+                         labels, seeds, steps=50)
+    assert all(s["target_schedule"] == "adaptive" and s["compute_fraction"] >= 8 / 50 for s in stats_log[-2:])
+    planned_db, adaptive_db = rm.psnr(planned, uncached), rm.psnr(adaptive, uncached)
+    assert planned_db > adaptive_db + 3.0 and planned_db > 34.0, (planned_db, adaptive_db)

@@ -660,15 +660,109 @@ def test_speed_target_meets_the_budget_on_any_error_scale(core, target):
 
 
 def test_speed_target_out_of_reach_spends_all_it_may_and_says_so(core):
-    """Warm-up 3 + final 1 of 10 steps already exceed a 5x budget: the run forecasts every
-    step it may and the stats carry the target it missed."""
-    cfg = core.CacheConfig(threshold=0.15, target_speedup=5.0)
+    """Warm-up 3 + final 1 of 10 steps already exceed a 5x budget (the threshold loop placing
+    the calls): the run forecasts every step it may and the stats carry the target it missed."""
+    cfg = core.CacheConfig(threshold=0.15, target_speedup=5.0, target_schedule="adaptive")
     stats = simulate_growing_errors(core, cfg, 10, 0.02)
     assert stats.target_speedup == 5.0 and 1.0 / stats.compute_fraction < 5.0
     assert stats.timeline == "CCCFFFFFFC"                          # every free step forecast
     assert stats.to_dict()["target_missed"] and "target missed" in stats.summary_line()
     with pytest.raises(ValueError, match="target_speedup"):
         core.CacheConfig(target_speedup=0.5)
+
+
+def _shifted_sigmas(steps, shift=3.0):
+    """FLUX-like sigmas: small steps near sigma 1, big ones near 0."""
+    t = [1.0 - i / steps for i in range(steps + 1)]
+    return [shift * x / (1.0 + (shift - 1.0) * x) for x in t]
+
+
+def test_plan_schedule_spends_exactly_its_calls_where_the_steps_are_big(core):
+    from importlib import import_module
+    target = import_module(core.__name__ + ".target")
+    sigmas = _shifted_sigmas(50)
+    plan = target.plan_schedule(sigmas, 8, forced=[49])
+    assert len(plan) == 8 and plan[0] == 0 and plan[-1] == 49 and plan == sorted(set(plan))
+    gaps = [b - a for a, b in zip(plan, plan[1:])]
+    # long runs of forecasts on the small early steps, short ones on the big late steps
+    assert gaps[0] >= 2 * gaps[-1] and gaps == sorted(gaps, reverse=True), gaps
+    # equal steps: equal runs (within one step), whatever the error model's exponents
+    even = target.plan_schedule([1.0 - i / 28 for i in range(29)], 5, forced=[27])
+    even_gaps = [b - a for a, b in zip(even, even[1:])]
+    assert len(even) == 5 and max(even_gaps) - min(even_gaps) <= 1, even
+    # no run of forecasts spans a forced step; the forced steps count against the calls
+    forced = [20, 21, 22, 49]
+    held = target.plan_schedule(sigmas, 8, forced=forced)
+    assert set(forced) <= set(held) and len(held) == 8
+    assert target.plan_schedule(sigmas, 3, forced=forced) == sorted({0, *forced})   # more forced than calls
+    assert target.plan_schedule(sigmas, 60) == list(range(50))
+    assert [target.planned_calls(n, t) for n, t in ((50, 6.0), (28, 5.0), (28, 6.0), (4, 20.0))] == [8, 6, 5, 2]
+
+
+def _run_planned(core, config, sigmas, **run_args):
+    """A sampler loop over ``sigmas`` (one evaluation per step) that computes or forecasts as
+    the run decides."""
+    steps = len(sigmas) - 1
+    run = core.SpeculativeRun(config, steps, sigmas=sigmas, **run_args)
+    for i in range(steps):
+        decision = run.begin_evaluation(sigmas[i], i)
+        chunk = run.chunk(["cond"], 1, 10.0)
+        if decision.forecast and chunk.can_forecast(["out"]):
+            pred = chunk.predict("out")
+            assert pred.shape == (1, 4) and not (decision.verify and run.policy.plan is not None)
+            if decision.verify:                       # (adaptive: a probe that always passes)
+                chunk.add_units(1.0)
+                assert chunk.verify(pred, pred)
+            chunk.finish("F")
+        else:
+            chunk.add_units(10.0)
+            chunk.record({"out": torch.full((1, 4), float(i))})
+            chunk.finish("C")
+    return run.close()
+
+
+def test_a_planned_target_computes_its_plan_and_nothing_else(core):
+    """From 4x on (target_schedule auto) a speed target computes exactly the planned steps,
+    lands within half a call of its target and says so; below 4x, or asked to, the threshold
+    loop places the calls; steps outside the window are computed and held by the plan."""
+    sigmas = _shifted_sigmas(50)
+    stats = _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), sigmas)
+    computed = [i for i, c in enumerate(stats.timeline) if c == "C"]
+    assert computed == stats.planned_steps and len(computed) == 8 and stats.verified == 0
+    assert stats.compute_fraction == pytest.approx(8 / 50) and not stats.target_missed
+    d = stats.to_dict()
+    assert d["target_schedule"] == "planned" and d["planned_steps"] == computed
+    assert "planned: 8 calls at steps 0, " in stats.summary_line()
+    for config in (core.CacheConfig(threshold=0.1, target_speedup=3.0),
+                   core.CacheConfig(threshold=0.1, target_speedup=6.0, target_schedule="adaptive")):
+        adaptive = _run_planned(core, config, sigmas)
+        assert adaptive.planned_steps == [] and adaptive.to_dict()["target_schedule"] == "adaptive"
+    assert core.CacheConfig(target_speedup=2.0, target_schedule="planned").plans_target
+    assert not core.CacheConfig(target_schedule="planned").plans_target          # no target, no plan
+    with pytest.raises(ValueError, match="target_schedule"):
+        core.CacheConfig(target_speedup=6.0, target_schedule="even")
+    # a window (sigma 0.9 down to 0.3): the steps outside it are computed, inside the plan holds
+    windowed = _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), sigmas,
+                            start_time=0.9, end_time=0.3)
+    outside = [i for i in range(50) if not (0.9 >= sigmas[i] > 0.3)]
+    computed = [i for i, c in enumerate(windowed.timeline) if c == "C"]
+    assert set(outside) <= set(computed) and computed == windowed.planned_steps
+    assert windowed.target_missed          # the window alone spends more than 1/6
+
+
+def test_noise_space_round_trip_holds_in_bfloat16_near_sigma_one(core):
+    """At 1 - sigma = 0.006 (the second of 50 steps) the way from noise back to velocity divides
+    by 0.006: computed in bfloat16 it would have no correct digit, so both directions run in
+    float32."""
+    from importlib import import_module
+    space = import_module(core.__name__ + ".output_space")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    v = torch.randn(2, 16, 8, 8, generator=g).to(torch.bfloat16)
+    eps = space.noise_from_velocity(v, x, 0.994)
+    assert eps.dtype == torch.float32 and space.can_forecast_noise(0.994)
+    back = space.velocity_from_noise(eps, x, 0.994)
+    assert torch.allclose(back, v.float(), rtol=0, atol=1e-3)
 
 
 def test_speed_target_is_off_at_zero_threshold_and_for_unverified_methods(core):
@@ -768,7 +862,7 @@ def test_noise_space_forecasts_a_flow_velocity_exactly_when_the_noise_it_implies
     assert torch.allclose(space.velocity_from_noise(space.noise_from_velocity(out, xs, 0.3), xs, 0.3), out,
                           atol=1e-6)
     # near sigma = 1 the way back divides by almost nothing: those steps are not forecast
-    assert space.can_forecast_noise(0.5) and not space.can_forecast_noise(0.995)
+    assert space.can_forecast_noise(0.5) and not space.can_forecast_noise(0.9995)
 
 
 # ---- lookback acceptance: each computed step measures the output forecast's error --------
