@@ -108,7 +108,7 @@ class SpeedTarget:
 PLAN_SIZE_EXPONENT = 2.0
 PLAN_GROWTH_EXPONENT = 3.0
 # From this target on, speed_target mode plans (target_schedule "auto"); below it the threshold
-# loop places the calls (it measured better there; see the README's "Beyond 5x").
+# loop places the calls (it measured better at 3x; see the README's "Planned targets").
 PLANNED_FROM = 4.0
 
 

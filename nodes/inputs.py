@@ -135,7 +135,7 @@ ADVANCED = {
         "target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.1,
         tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed "
                 "(which stops at 5x); speed 0 still turns the node off. 0: from the slider. Beyond 5x "
-                "it needs many steps: on 28 steps the picture changes visibly (README, \"Beyond 5x\")."),
+                "it needs many steps: 6x computes 5 of 28 steps, 8 of 50 (README, \"Planned targets\")."),
     "target_schedule": lambda: io.Combo.Input(
         "target_schedule", options=list(TARGET_SCHEDULES), default=_D.target_schedule,
         tooltip="Mode speed_target: where the model runs. planned = the target's model calls are placed "
@@ -275,7 +275,9 @@ def simple_config(family: str, mode: str, speed: float, start_percent: float, en
         what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
     elif mode == "speed_target":
         config = _speed_target_schedule(config, opts, looks_back, correction)
-        what = (f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
+        what = (f"target {config.target_speedup:.2f}x, model calls planned from the sampler's sigmas"
+                if config.plans_target else
+                f"target {config.target_speedup:.2f}x, starting threshold {config.threshold:.4g}"
                 f" ({'lookback' if looks_back else 'probe'})")
     elif family == OutputAdapter.family and mode == "probe":
         # No verification probe at the output level, so no threshold to set: the slider sets

@@ -150,11 +150,19 @@ def test_the_options_target_goes_beyond_the_slider(spec_nodes, flux, inputs_mod)
     assert auto == config_of(simple(spec_nodes, flux)) and auto.target_speedup == 0.0
     _, what = inputs_mod.simple_config("flux", "auto", 0.5, 0.0, 1.0, {"target_speedup": 7.0})
     assert "target_speedup 7 is ignored" in what
+    # where the calls go: planned from 4x on (target_schedule auto), or as asked
+    assert [target(speed=s).plans_target for s in (0.25, 0.5, 0.75, 1.0)] == [False, False, True, True]
+    assert beyond.plans_target and not target(target_speedup=7.0, target_schedule="adaptive").plans_target
+    assert target(speed=0.25, target_schedule="planned").plans_target
+    _, what = inputs_mod.simple_config("flux", "speed_target", 0.5, 0.0, 1.0, {"target_speedup": 7.0})
+    assert "planned from the sampler's sigmas" in what
+    _, what = inputs_mod.simple_config("flux", "speed_target", 0.5, 0.0, 1.0, {})
+    assert "starting threshold" in what
 
 
 def test_a_target_beyond_5x_spends_less_than_the_slider_end(spec_nodes, stats_log):
     """On the trained reference model at 50 steps, an 8x target from the Options node runs
-    fewer computed steps than the slider's 5x, and its stats carry the target."""
+    fewer computed steps than the slider's 5x (both planned), and its stats carry the target."""
     from benchmarks import reference_model as rm
     ref_model = rm.load_reference()
     fractions = []

@@ -46,7 +46,9 @@ export function summaryText(s) {
   const done = (s.timeline ?? "").replace(/\./g, "").length;
   const head = s.final ? `${s.computed}/${steps} computed` : `step ${done}/${steps} · ${s.computed} computed`;
   const speed = Number.isFinite(s.speedup) ? `${Number(s.speedup).toFixed(1)}x` : "-";
-  const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x)` : "";
+  // a planned target placed its model calls before the run (from 4x on)
+  const how = s.target_schedule === "planned" ? ", planned" : "";
+  const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x${how})` : "";
   const saved = `≈ ${formatSeconds(Number(s.saved_seconds))} saved`;
   // lookback checks each forecast run at the computed step that ends it; the probe rejects forecasts
   let checks = s.acceptance === "lookback" ? `${s.looked_back ?? 0} checked` : `${s.rejected} rejected`;
