@@ -123,7 +123,8 @@ class RunStats:
 
     def _target_how(self) -> str:
         if self.planned_steps:
-            return f"planned: {len(self.planned_steps)} calls at steps {', '.join(map(str, self.planned_steps))}"
+            shown = ", ".join(map(str, self.planned_steps[:16])) + (", ..." if len(self.planned_steps) > 16 else "")
+            return f"planned: {len(self.planned_steps)} calls at steps {shown}"
         return f"threshold x{self.threshold_scale:.2f}"
 
     @property

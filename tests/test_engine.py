@@ -732,7 +732,10 @@ def test_a_planned_target_computes_its_plan_and_nothing_else(core):
     assert stats.compute_fraction == pytest.approx(8 / 50) and not stats.target_missed
     d = stats.to_dict()
     assert d["target_schedule"] == "planned" and d["planned_steps"] == computed
-    assert "planned: 8 calls at steps 0, " in stats.summary_line()
+    assert "planned: 8 calls at steps 0, " in stats.summary_line() and "..." not in stats.summary_line()
+    long_run = _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=4.0), _shifted_sigmas(200))
+    assert len(long_run.planned_steps) == 50 and ", ...)" in long_run.summary_line()
+    assert long_run.summary_line().count(", ") < 30 and "50 calls at steps 0, " in long_run.summary_line()
     for config in (core.CacheConfig(threshold=0.1, target_speedup=3.0),
                    core.CacheConfig(threshold=0.1, target_speedup=6.0, target_schedule="adaptive")):
         adaptive = _run_planned(core, config, sigmas)
