@@ -751,6 +751,12 @@ def test_a_planned_target_computes_its_plan_and_nothing_else(core):
     computed = [i for i, c in enumerate(windowed.timeline) if c == "C"]
     assert set(outside) <= set(computed) and computed == windowed.planned_steps
     assert windowed.target_missed          # the window alone spends more than 1/6
+    # a flow model's output forecast in noise space cannot be served at 1 - sigma < 0.001: such a
+    # step is computed, and counted in the plan (8 calls still)
+    near_one = [1.0, 0.9995] + _shifted_sigmas(48)[1:]
+    noise = _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0, output_space="noise"), near_one)
+    assert 1 in noise.planned_steps and len(noise.planned_steps) == 8 and noise.timeline[1] == "C"
+    assert 1 not in _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), near_one).planned_steps
 
 
 def test_noise_space_round_trip_holds_in_bfloat16_near_sigma_one(core):
