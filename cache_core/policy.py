@@ -76,20 +76,22 @@ class Policy:
         full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
         if not c.enabled:
             return full("disabled")
-        if self.plan is not None:
-            return self._decide_planned(step_index, time, has_history)
-        if c.paper_schedule and self.last_full and has_history and step_index < self.total_steps - c.final_full_steps:
+        planned = self.plan is not None      # a planned speed target: no warm-up, no check
+        if (c.paper_schedule and not planned and self.last_full and has_history
+                and step_index < self.total_steps - c.final_full_steps):
             # SpeCa's reference state machine: after a full step always one forecast, even
             # in warm-up (so warm-up 3 computes steps 0 and 2).
             return Decision(StepMode.FORECAST, False, "after_full")
-        if step_index < c.warmup_steps:
+        if step_index < c.warmup_steps and not planned:
             return full("warmup")
         if step_index >= self.total_steps - c.final_full_steps:
             return full("final")
-        if not (self.start_time >= time > self.end_time):
+        if not self.in_window(time):
             return full("window")
         if not has_history:
             return full("no_history")
+        if planned:
+            return full("plan") if step_index in self.plan else Decision(StepMode.FORECAST, False, "plan")
         if self.force_full_next:
             return full("after_reject")
         if not c.verifies:
@@ -117,19 +119,9 @@ class Policy:
                 return Decision(StepMode.FORECAST, False, "predicted_accept")
         return Decision(StepMode.FORECAST, verify, "speculate")
 
-    def _decide_planned(self, step_index: int, time: float, has_history: bool) -> Decision:
-        """A planned speed target: the plan's steps run the model, the others are forecast
-        (the plan already holds the final steps and those outside the window)."""
-        full = lambda why: Decision(StepMode.FULL, False, why)  # noqa: E731
-        if step_index >= self.total_steps - self.config.final_full_steps:
-            return full("final")
-        if not (self.start_time >= time > self.end_time):
-            return full("window")
-        if not has_history:
-            return full("no_history")
-        if step_index in self.plan:
-            return full("plan")
-        return Decision(StepMode.FORECAST, False, "plan")
+    def in_window(self, time: float) -> bool:
+        """Whether forecasting is allowed at this time (sigma: higher is earlier)."""
+        return self.start_time >= time > self.end_time
 
     def _decide_lookback(self, step_index: int) -> Decision:
         """Lookback acceptance: nothing runs on a forecast step, so a forecast is checked after

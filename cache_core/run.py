@@ -55,7 +55,7 @@ class SpeculativeRun:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
             if config.plans_target:
-                self._plan_target(total_steps, sigmas, start_time, end_time)
+                self._plan_target(total_steps, sigmas)
         self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (note_correction)
         self.correction = None      # the trajectory correction the glue attached (correction.py), or None
         self._allowed = None        # the speed target's allowed cost for this evaluation
@@ -67,7 +67,7 @@ class SpeculativeRun:
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
 
-    def _plan_target(self, total_steps: int, sigmas, start_time: float, end_time: float) -> None:
+    def _plan_target(self, total_steps: int, sigmas) -> None:
         """Place the target's model calls before the run (target.plan_schedule). Without the
         sigmas, steps of equal size are assumed."""
         steps = max(int(total_steps), 1)
@@ -75,7 +75,7 @@ class SpeculativeRun:
             sigmas = [1.0 - i / steps for i in range(steps + 1)]
         sigmas = [float(x) for x in sigmas]
         final = range(max(steps - self.config.final_full_steps, 0), steps)
-        outside = [k for k in range(steps) if not (start_time >= sigmas[k] > end_time)]
+        outside = [k for k in range(steps) if not self.policy.in_window(sigmas[k])]
         # a flow model's output forecast in noise space cannot be turned back this close to sigma 1
         unservable = ([k for k in range(1, steps) if not can_forecast_noise(sigmas[k])]
                       if self.config.output_space == "noise" else [])

@@ -164,12 +164,13 @@ def test_verifier_accept_reject(core):
 
 
 # ---- policy -------------------------------------------------------------------------
-def simulate(core, config, steps, accept=lambda i: True):
-    """Drive a SpeculativeRun like the ComfyUI glue does, on a synthetic feature."""
-    run = core.SpeculativeRun(config, steps)
+def simulate(core, config, steps, accept=lambda i: True, sigmas=None, **run_args):
+    """Drive a SpeculativeRun like the ComfyUI glue does, on a synthetic feature; ``sigmas``:
+    the sampler's (given to the run), else 1 - i / steps."""
+    run = core.SpeculativeRun(config, steps, sigmas=sigmas, **run_args)
     modes = []
     for i in range(steps):
-        t = 1.0 - i / steps
+        t = 1.0 - i / steps if sigmas is None else sigmas[i]
         d = run.begin_evaluation(t, i)
         chunk = run.chunk(["cond"], 1, units_full=4)
         feat = {"f": torch.full((1, 3), t)}
@@ -700,25 +701,8 @@ def test_plan_schedule_spends_exactly_its_calls_where_the_steps_are_big(core):
 
 
 def _run_planned(core, config, sigmas, **run_args):
-    """A sampler loop over ``sigmas`` (one evaluation per step) that computes or forecasts as
-    the run decides."""
-    steps = len(sigmas) - 1
-    run = core.SpeculativeRun(config, steps, sigmas=sigmas, **run_args)
-    for i in range(steps):
-        decision = run.begin_evaluation(sigmas[i], i)
-        chunk = run.chunk(["cond"], 1, 10.0)
-        if decision.forecast and chunk.can_forecast(["out"]):
-            pred = chunk.predict("out")
-            assert pred.shape == (1, 4) and not (decision.verify and run.policy.plan is not None)
-            if decision.verify:                       # (adaptive: a probe that always passes)
-                chunk.add_units(1.0)
-                assert chunk.verify(pred, pred)
-            chunk.finish("F")
-        else:
-            chunk.add_units(10.0)
-            chunk.record({"out": torch.full((1, 4), float(i))})
-            chunk.finish("C")
-    return run.close()
+    """``simulate`` over the sampler's ``sigmas`` (every probe passes); the run's stats."""
+    return simulate(core, config, len(sigmas) - 1, sigmas=sigmas, **run_args)[1]
 
 
 def test_a_planned_target_computes_its_plan_and_nothing_else(core):
@@ -749,13 +733,14 @@ def test_a_planned_target_computes_its_plan_and_nothing_else(core):
                             start_time=0.9, end_time=0.3)
     outside = [i for i in range(50) if not (0.9 >= sigmas[i] > 0.3)]
     computed = [i for i, c in enumerate(windowed.timeline) if c == "C"]
-    assert set(outside) <= set(computed) and computed == windowed.planned_steps
+    assert set(outside) <= set(computed) and computed == windowed.planned_steps and windowed.verified == 0
     assert windowed.target_missed          # the window alone spends more than 1/6
     # a flow model's output forecast in noise space cannot be served at 1 - sigma < 0.001: such a
     # step is computed, and counted in the plan (8 calls still)
     near_one = [1.0, 0.9995] + _shifted_sigmas(48)[1:]
     noise = _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0, output_space="noise"), near_one)
     assert 1 in noise.planned_steps and len(noise.planned_steps) == 8 and noise.timeline[1] == "C"
+    assert noise.verified == 0 and [i for i, c in enumerate(noise.timeline) if c == "C"] == noise.planned_steps
     assert 1 not in _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), near_one).planned_steps
 
 
