@@ -38,6 +38,10 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
 
 ``--uncond-schedule``: uncond's output is used only at some of the computed steps and forecast
 (linearly, before CFG) at the others; cond and uncond each count half of a computed step.
+With ``--uncond-from-difference`` uncond's output there is cond's plus (uncond - cond) of the
+last step that ran uncond: the engine's cond-only steps (``nodes/cond_only.py``), e.g.
+
+    --no-correction --uncond-from-difference --uncond-schedule 0,12,21,27 --schedule 0,6,12,21,27 noise
 
 A step before the second computed one that is not in the schedule is given the first computed
 step's output again (a reuse), so the schedule is exactly the steps that run the model.
@@ -158,15 +162,22 @@ class UncondForecast:
     ``computed`` and replaces it elsewhere with the line through its last two (one: reuse),
     in the noise it implies, before CFG combines it with cond's."""
 
-    def __init__(self, computed: set):
+    def __init__(self, computed: set, from_difference: bool = False):
         self.computed = computed
+        self.from_difference = from_difference     # uncond = cond + (uncond - cond) of the last step it ran
         self.step = 0
         self.nodes = []
 
     def __call__(self, args):
         x, sigma = args["input"], float(args["sigma"].flatten()[0])
         uncond = args["uncond_denoised"]
-        if self.step in self.computed or not self.nodes:
+        if self.from_difference:
+            cond = args["cond_denoised"]
+            if self.step in self.computed or not self.nodes:
+                self.nodes = [(sigma, uncond - cond)]
+            else:
+                uncond = cond + self.nodes[-1][1]
+        elif self.step in self.computed or not self.nodes:
             self.nodes = (self.nodes + [(sigma, _noise(x, uncond, sigma))])[-2:]
         else:
             uncond = _denoised(x, _interpolate(self.nodes, sigma), sigma)
@@ -174,11 +185,12 @@ class UncondForecast:
 
 
 def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_weights: dict | None = None,
-                uncond_computed: set | None = None):
+                uncond_computed: set | None = None, uncond_from_difference: bool = False):
     """An Euler sampler function (for ``comfy.samplers.KSAMPLER``) that runs the model at the
     steps in ``computed`` (and at the first step) and forecasts the others with ``scheme``.
     ``uncond_computed`` (a subset of ``computed``): uncond's output is used only at these
-    steps, forecast at the other computed ones (``UncondForecast``)."""
+    steps, forecast at the other computed ones (``UncondForecast``; ``uncond_from_difference``:
+    as cond's output plus the last difference, the engine's cond-only steps)."""
     correction = _correction()
     if uncond_computed is not None and correction_degree:
         raise ValueError("uncond forecast apart: the correction assumes whole computed steps; use --no-correction")
@@ -188,7 +200,7 @@ def lab_sampler(computed: set, scheme: str, correction_degree: int = 2, learned_
         extra_args = dict(extra_args or {})
         uncond_hook = None
         if uncond_computed is not None:
-            uncond_hook = UncondForecast(uncond_computed)
+            uncond_hook = UncondForecast(uncond_computed, uncond_from_difference)
             extra_args["model_options"] = {**extra_args.get("model_options", {}), "sampler_cfg_function": uncond_hook}
         s_in = x.new_ones([x.shape[0]])
         state = Scheme(scheme, learned_weights)
@@ -256,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--uncond-schedule", help="the steps at which uncond's output is used (a subset of the "
                     "schedule; forecast at the others); 'all': every step computed, uncond at --schedule. "
                     "Needs --no-correction")
+    ap.add_argument("--uncond-from-difference", action="store_true",
+                    help="--uncond-schedule: at a step without it, uncond's output is cond's plus (uncond - cond) of "
+                         "the last step that ran it (the engine's cond-only steps) instead of its line")
     ap.add_argument("schemes", nargs="+", help="noise, denoised, mix:L, adaptive, select, curve:L, curvefit, learned")
     args = ap.parse_args(argv)
     comfy_env.setup_comfyui()
@@ -285,7 +300,8 @@ def main(argv=None) -> int:
         for scheme in args.schemes:
             weights = fit_learned_weights(trajectories, computed, args.steps) if scheme == "learned" else None
             images = rm.sample(model, labels, seeds, steps=args.steps, cfg=CFG,
-                               sampler=lab_sampler(computed, scheme, degree, weights, uncond))
+                               sampler=lab_sampler(computed, scheme, degree, weights, uncond,
+                                                   args.uncond_from_difference))
             mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
             print(f"{schedule:28s} {scheme:12s} compute {compute:.3f}  PSNR {mean:6.2f} dB", flush=True)
     return 0

@@ -20,6 +20,7 @@ class Decision:
     mode: StepMode
     verify: bool = False
     reason: str = ""
+    cond_only: bool = False     # a planned cond-only step: run cond's half of a CFG batch only
 
     @property
     def forecast(self) -> bool:
@@ -65,8 +66,10 @@ class Policy:
         self.lookback = None
         self.lookback_reach = 0
         # A planned speed target (target.plan_schedule): the steps that run the model; the
-        # others are forecast without a check (None: the threshold decides).
+        # others are forecast without a check (None: the threshold decides); and the steps of it
+        # that run cond's half of a CFG batch only (uncond from the last computed difference).
         self.plan: frozenset | None = None
+        self.cond_only_plan: frozenset = frozenset()
 
     def progress(self, step_index: int) -> float:
         return min(max(step_index / self.total_steps, 0.0), 1.0)
@@ -91,6 +94,8 @@ class Policy:
         if not has_history:
             return full("no_history")
         if planned:
+            if step_index in self.cond_only_plan:
+                return Decision(StepMode.FULL, False, "plan", cond_only=True)
             return full("plan") if step_index in self.plan else Decision(StepMode.FORECAST, False, "plan")
         if self.force_full_next:
             return full("after_reject")

@@ -17,7 +17,7 @@ from .output_space import can_forecast_noise
 from .policy import Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
-from .target import SpeedTarget, plan_schedule, planned_calls
+from .target import SpeedTarget, place_cond_only, plan_schedule, planned_budget
 from .verifier import Verifier, relative_norm
 
 
@@ -40,7 +40,7 @@ _FORCED = ("disabled", "warmup", "final", "window", "no_history", "plan")
 class SpeculativeRun:
     def __init__(self, config: CacheConfig, total_steps: int, *,
                  start_time: float = float("inf"), end_time: float = float("-inf"),
-                 mode: str = "", sigmas=None):
+                 mode: str = "", sigmas=None, cond_only: bool = False):
         self.config = config
         self.verifier = Verifier(config.metric, config.threshold,
                                  config.threshold_decay, config.threshold_floor)
@@ -55,7 +55,7 @@ class SpeculativeRun:
             self.target = SpeedTarget(config.target_speedup, total_steps, config.final_full_steps)
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
             if config.plans_target:
-                self._plan_target(total_steps, sigmas)
+                self._plan_target(total_steps, sigmas, cond_only)
         self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (note_correction)
         self.correction = None      # the trajectory correction the glue attached (correction.py), or None
         self._allowed = None        # the speed target's allowed cost for this evaluation
@@ -67,9 +67,11 @@ class SpeculativeRun:
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
 
-    def _plan_target(self, total_steps: int, sigmas) -> None:
+    def _plan_target(self, total_steps: int, sigmas, cond_only: bool = False) -> None:
         """Place the target's model calls before the run (target.plan_schedule). Without the
-        sigmas, steps of equal size are assumed."""
+        sigmas, steps of equal size are assumed. ``cond_only``: the sampler runs cond and
+        uncond (CFG) and the glue can run cond's half alone, so the budget may end in a half
+        call (target.planned_budget)."""
         steps = max(int(total_steps), 1)
         if sigmas is None or len(sigmas) != steps + 1:
             sigmas = [1.0 - i / steps for i in range(steps + 1)]
@@ -79,9 +81,12 @@ class SpeculativeRun:
         # a flow model's output forecast in noise space cannot be turned back this close to sigma 1
         unservable = ([k for k in range(1, steps) if not can_forecast_noise(sigmas[k])]
                       if self.config.output_space == "noise" else [])
-        plan = plan_schedule(sigmas, planned_calls(steps, self.config.target_speedup),
-                             [*final, *outside, *unservable])
-        self.policy.plan = frozenset(plan)
+        full, halves = planned_budget(steps, self.config.target_speedup, cond_only)
+        plan = plan_schedule(sigmas, full, [*final, *outside, *unservable])
+        half = place_cond_only(plan) if halves else None
+        if half is not None:
+            self.policy.cond_only_plan = frozenset([half])
+        self.policy.plan = frozenset(plan) | self.policy.cond_only_plan
         self.stats.planned_steps = plan
 
     # ---- evaluation (one model call of the sampler, all chunks) -------------------
@@ -105,6 +110,21 @@ class SpeculativeRun:
         self.stats.evaluations += 1
         self._eval_outcome = None
         return self.decision
+
+    def book_partial_evaluation(self, share: float) -> None:
+        """The current evaluation ran ``share`` of its batch (a cond-only step): book it as that
+        share of an evaluation's full units so far, whatever its chunks counted (cond alone
+        is a whole chunk to them, batched with uncond or not)."""
+        st = self.stats
+        units0, full0 = self._eval_start_units
+        ran_full = st.block_units_full - full0
+        fraction = (st.block_units - units0) / ran_full if ran_full > 0 else 1.0
+        earlier = st.evaluations - 1
+        per_evaluation = full0 / earlier if earlier > 0 and full0 > 0 else ran_full
+        st.block_units_full = full0 + per_evaluation
+        st.block_units = units0 + per_evaluation * share * fraction
+        if self.step_index not in st.cond_only_steps:
+            st.cond_only_steps.append(self.step_index)
 
     @property
     def progress(self) -> float:

@@ -34,6 +34,7 @@ class RunStats:
     target_speedup: float = 0.0  # the speed target (0: none)
     threshold_scale: float = 1.0  # the speed target's last threshold multiplier
     planned_steps: list = field(default_factory=list)  # a planned speed target's computed steps (0-based)
+    cond_only_steps: list = field(default_factory=list)  # its steps that ran cond's half of the batch only
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
     estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
     weight_changes: int = 0     # stream histories dropped because the model's weights changed mid-run
@@ -102,6 +103,7 @@ class RunStats:
             "threshold_scale": round(self.threshold_scale, 4),
             "target_schedule": ("planned" if self.planned_steps else "adaptive") if self.target_speedup else "",
             "planned_steps": list(self.planned_steps),
+            "cond_only_steps": list(self.cond_only_steps),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
             "weight_changes": self.weight_changes,
@@ -124,7 +126,9 @@ class RunStats:
     def _target_how(self) -> str:
         if self.planned_steps:
             shown = ", ".join(map(str, self.planned_steps[:16])) + (", ..." if len(self.planned_steps) > 16 else "")
-            return f"planned: {len(self.planned_steps)} calls at steps {shown}"
+            half = ", ".join(map(str, self.cond_only_steps))
+            return (f"planned: {len(self.planned_steps)} calls at steps {shown}"
+                    + (f", cond only at step {half}" if half else ""))
         return f"threshold x{self.threshold_scale:.2f}"
 
     @property

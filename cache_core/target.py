@@ -119,27 +119,62 @@ def planned_calls(total_steps: int, target_speedup: float) -> int:
     return min(steps, max(2, int(round(steps / float(target_speedup)))))
 
 
+def planned_budget(total_steps: int, target_speedup: float, cond_only: bool) -> tuple[int, int]:
+    """(full calls, cond-only calls) a planned target spends. A cond-only call (cond's half of
+    a CFG batch; ``cond_only``: the run has cond and uncond) counts half a call, so a budget
+    of steps / target calls is met in half calls: whole calls and one half call when that is
+    nearer the budget than ``planned_calls`` (28 steps at 6x: 4.5 calls, not 5)."""
+    steps = max(int(total_steps), 1)
+    budget = steps / float(target_speedup)
+    full = planned_calls(steps, target_speedup)
+    floor = max(2, int(math.floor(budget)))
+    if cond_only and floor < full and floor + 1 < steps and abs(floor + 0.5 - budget) < abs(full - budget):
+        return floor, 1
+    return full, 0
+
+
+def _plan_costs(sigmas):
+    """The error model's costs: per_step[a, k], a forecast at step k from a computed step a
+    (0 for k <= a); gap[a, b], forecasting steps a+1 .. b-1 from a (inf for b <= a)."""
+    s = torch.as_tensor([float(x) for x in sigmas], dtype=torch.float64)
+    steps = s.numel() - 1
+    weight = (s[:-1] - s[1:]).abs() ** PLAN_SIZE_EXPONENT
+    k = torch.arange(steps, dtype=torch.float64)
+    distance = (k[None, :] - k[:, None]).clamp(min=0)                # [a, k]: k - a, 0 for k <= a
+    per_step = weight[None, :] * distance ** PLAN_GROWTH_EXPONENT
+    gap = torch.zeros(steps, steps, dtype=torch.float64)
+    gap[:, 1:] = per_step.cumsum(1)[:, :-1]
+    return per_step, gap.masked_fill(k[None, :] <= k[:, None], float("inf"))
+
+
+def place_cond_only(plan) -> int | None:
+    """The step for one cond-only call among the planned full calls ``plan``: the middle of
+    the first run of forecasts. That run is forecast from one computed step (a reuse, where
+    the later runs have a line), and it costs the picture most: forecast_lab, 19-block model,
+    28 steps, the plan 0, 12, 21, 27 with every other step computed gives 26.9 dB when only
+    steps 1-11 are forecast, 37.6 and 35.3 dB for 13-20 and 22-26. A cond-only step there
+    (cond's real output, uncond's from the difference) turns the reuse into a line:
+    at steps 4, 6, 8: 30.1, 31.4, 30.8 dB; in the second run (step 17) 27.4 dB. None: no
+    room (the first two calls are adjacent)."""
+    calls = sorted(plan)
+    if len(calls) < 2 or calls[1] - calls[0] < 2:
+        return None
+    return (calls[0] + calls[1]) // 2
+
+
 def plan_schedule(sigmas, calls: int, forced=()) -> list[int]:
     """The steps to compute (0-based, of ``len(sigmas) - 1``) that minimise the error model
     above with ``calls`` computed steps: dynamic programming over the last computed step.
     ``forced``: steps that are computed whatever the plan (the final steps, steps outside the
     node's window); no run of forecasts spans one. Step 0 is always computed."""
-    s = torch.as_tensor([float(x) for x in sigmas], dtype=torch.float64)
-    steps = s.numel() - 1
+    steps = len(sigmas) - 1
     if steps <= 0:
         return []
     forced = sorted({int(k) for k in forced if 0 <= int(k) < steps} | {0})
     if calls >= steps:
         return list(range(steps))
     calls = max(int(calls), len(forced))
-    weight = (s[:-1] - s[1:]).abs() ** PLAN_SIZE_EXPONENT
-    k = torch.arange(steps, dtype=torch.float64)
-    distance = (k[None, :] - k[:, None]).clamp(min=0)                # [a, k]: k - a, 0 for k <= a
-    per_step = weight[None, :] * distance ** PLAN_GROWTH_EXPONENT
-    # gap[a, b]: the cost of forecasting steps a+1 .. b-1 from a computed step a (b > a only)
-    gap = torch.zeros(steps, steps, dtype=torch.float64)
-    gap[:, 1:] = per_step.cumsum(1)[:, :-1]
-    gap = gap.masked_fill(k[None, :] <= k[:, None], float("inf"))
+    per_step, gap = _plan_costs(sigmas)
     # no gap may span a forced step: forced steps strictly between a and b
     forced_upto = torch.zeros(steps, dtype=torch.float64)
     forced_upto[forced] = 1.0

@@ -23,7 +23,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, edit_region, guard, memory, model_weights, trajectory
+from . import blockwise, cond_only, edit_region, guard, memory, model_weights, trajectory
 from .output_space import MODEL_SPACE, OutputSpace, Serving, look_back
 from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
                        select_adapter, warn_once)
@@ -94,6 +94,7 @@ class RunContext:
         self.block_patches = None       # the block patches on the model when the run started
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
+        self.guidance = None            # cond_only.GuidanceDifference when cond-only steps are planned
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)
@@ -145,12 +146,14 @@ def _start_run(guider, settings: CacheSettings, args) -> RunContext:
     start_time = float(model_sampling.percent_to_sigma(config.start_percent))
     end_time = float("-inf") if config.end_percent >= 1.0 else float(model_sampling.percent_to_sigma(config.end_percent))
     run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
-                         sigmas=[float(s) for s in sigmas])
+                         sigmas=[float(s) for s in sigmas], cond_only=cond_only.available(guider))
     run.stats.estimated_cache_bytes = estimate or 0
     ctx = RunContext(settings, run, adapter, sigmas)
     ctx.base_model = guider.model_patcher.model
     ctx.serving = Serving(run, model_sampling)
     ctx.serving.report(run.stats)
+    if run.policy.cond_only_plan:
+        ctx.guidance = cond_only.GuidanceDifference(run.policy.cond_only_plan)
     correction = trajectory.for_run(config, model_sampling)
     if correction is not None:
         run.attach_correction(correction)
@@ -175,6 +178,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             return executor(*args, **kwargs)
     finally:
         ctx.active = None
+        if ctx.guidance is not None:
+            ctx.guidance.release()
         ctx.run.close()
         stats = ctx.stamp()
         log.info(stats.summary_line())
@@ -250,6 +255,9 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
             ctx.run.begin_evaluation(sigma, ctx.step_index_for(sigma))
         except Exception as e:
             guard.fail(ctx, "evaluation start", e)
+        if ctx.guidance is not None and not ctx.run.closed:
+            return guard.cached_call(ctx, executor, args, kwargs,
+                                     lambda: cond_only.calc_cond_batch(ctx, executor, args, kwargs))
     return executor(*args, **kwargs)
 
 

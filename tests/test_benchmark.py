@@ -254,3 +254,11 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     assert 20 < rm.psnr(apart, uncached) < 60
     with pytest.raises(ValueError, match="no-correction"):
         lab.lab_sampler(every, "noise", 2, uncond_computed=computed)
+    # uncond from cond and the last difference (the engine's cond-only steps): the same picture
+    # when uncond runs at every step, a changed one when it runs at the engine's steps only
+    derived = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(every, "noise", 0, uncond_computed=every,
+                                                                      uncond_from_difference=True))
+    assert rm.psnr(derived, uncached) > 80
+    derived = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(every, "noise", 0, uncond_computed=computed,
+                                                                      uncond_from_difference=True))
+    assert 20 < rm.psnr(derived, uncached) < 60 and not torch.equal(derived, apart)

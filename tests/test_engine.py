@@ -699,6 +699,14 @@ def test_plan_schedule_spends_exactly_its_calls_where_the_steps_are_big(core):
     assert target.plan_schedule(sigmas, 60) == list(range(50))
     assert [target.planned_calls(n, t) for n, t in ((50, 6.0), (28, 5.0), (28, 6.0), (4, 20.0))] == [8, 6, 5, 2]
 
+    # with cond and uncond, a budget that whole calls round up lands on half calls instead
+    budgets = [target.planned_budget(n, t, True) for n, t in ((28, 6.0), (28, 5.0), (28, 8.0), (50, 6.0),
+                                                               (28, 7.0), (28, 4.0), (50, 4.0), (4, 20.0))]
+    assert budgets == [(4, 1), (5, 1), (3, 1), (8, 0), (4, 0), (7, 0), (12, 0), (2, 0)]
+    assert target.planned_budget(28, 6.0, False) == (5, 0)
+    assert target.place_cond_only([0, 12, 21, 27]) == 6 and target.place_cond_only([27, 0, 9]) == 4
+    assert target.place_cond_only([0, 1, 9]) is None and target.place_cond_only([0]) is None
+
 
 def _run_planned(core, config, sigmas, **run_args):
     """``simulate`` over the sampler's ``sigmas`` (every probe passes); the run's stats."""
@@ -742,6 +750,54 @@ def test_a_planned_target_computes_its_plan_and_nothing_else(core):
     assert 1 in noise.planned_steps and len(noise.planned_steps) == 8 and noise.timeline[1] == "C"
     assert noise.verified == 0 and [i for i, c in enumerate(noise.timeline) if c == "C"] == noise.planned_steps
     assert 1 not in _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), near_one).planned_steps
+
+
+
+def _run_with_cond_only(core, config, sigmas, batched: bool):
+    """A planned run driven as the glue drives a CFG run (cond and uncond in one chunk, or one
+    chunk each): at a cond-only step only cond's chunk runs and the run books half a call."""
+    steps = len(sigmas) - 1
+    run = core.SpeculativeRun(config, steps, sigmas=sigmas, cond_only=True)
+    decisions = []
+    for i in range(steps):
+        d = run.begin_evaluation(sigmas[i], i)
+        decisions.append(d)
+        layout = [["cond"]] if d.cond_only else ([["cond", "uncond"]] if batched else [["cond"], ["uncond"]])
+        for keys in layout:
+            chunk = run.chunk(keys, len(keys), units_full=1)
+            if d.forecast and chunk.can_forecast(["out"]):
+                chunk.finish("F")
+            else:
+                chunk.add_units(1)
+                chunk.record({"out": torch.full((len(keys), 3), float(sigmas[i]))})
+                chunk.finish("C")
+        if d.cond_only:
+            run.book_partial_evaluation(0.5)
+    return run.close(), decisions
+
+
+def test_a_planned_target_ends_its_budget_in_a_cond_only_step(core):
+    """28 steps at 6x with cond and uncond: 4 calls and one cond-only step (4.5 calls, 6.2x)
+    instead of 5 calls (5.6x); it is booked as half a call whether ComfyUI batches cond and
+    uncond or runs them apart, and it sits in the middle of the first run of forecasts.
+    Without uncond (cond_only False) the plan rounds to whole calls as before."""
+    sigmas = _shifted_sigmas(28)
+    config = core.CacheConfig(threshold=0.1, target_speedup=6.0)
+    for batched in (True, False):
+        stats, decisions = _run_with_cond_only(core, config, sigmas, batched)
+        half = [i for i, d in enumerate(decisions) if d.cond_only]
+        plan = stats.planned_steps
+        assert len(plan) == 4 and half == [(plan[0] + plan[1]) // 2] and half[0] not in plan
+        assert [i for i, c in enumerate(stats.timeline) if c == "C"] == sorted(plan + half)
+        assert all(d.forecast == (i not in plan + half) for i, d in enumerate(decisions))
+        assert stats.compute_fraction == pytest.approx(4.5 / 28), batched
+        assert stats.verified == 0 and not stats.target_missed
+        assert f"4 calls at steps {', '.join(map(str, plan))}, cond only at step {half[0]}" in stats.summary_line()
+    whole = simulate(core, config, 28, sigmas=sigmas)[1]
+    assert len(whole.planned_steps) == 5 and whole.compute_fraction == pytest.approx(5 / 28)
+    # 7x is 4 whole calls: nothing to halve
+    assert not any(d.cond_only for d in _run_with_cond_only(
+        core, core.CacheConfig(threshold=0.1, target_speedup=7.0), sigmas, True)[1])
 
 
 def test_noise_space_round_trip_holds_in_bfloat16_near_sigma_one(core):
