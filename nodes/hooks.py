@@ -23,7 +23,7 @@ import comfy.patcher_extension as pe
 
 from ..cache_core import CacheConfig, SpeculativeRun, StackPlan
 from ..cache_core.stats import COMPUTED, FORECAST, REJECTED
-from . import blockwise, cond_only, edit_region, guard, memory, model_weights, trajectory
+from . import blockwise, cond_only, context_windows, edit_region, guard, memory, model_weights, trajectory
 from .output_space import MODEL_SPACE, OutputSpace, Serving, look_back
 from .adapters import (ChainedBlockPatch, OutputAdapter, StackAdapter, find_transformer_options, forward_argument,
                        select_adapter, warn_once)
@@ -95,6 +95,7 @@ class RunContext:
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving: Serving | None = None  # what accepted forecast steps serve (output_space.py)
         self.guidance = None            # cond_only.GuidanceDifference when cond-only steps are planned
+        self.evaluations = context_windows.Evaluations()   # one evaluation for all context windows
 
     def weights_key(self):
         return model_weights.weights_key(self.base_model)
@@ -252,7 +253,9 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
         try:
             timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
             sigma = float(torch.as_tensor(timestep).max())
-            ctx.run.begin_evaluation(sigma, ctx.step_index_for(sigma))
+            step = ctx.step_index_for(sigma)
+            if ctx.evaluations.begins(model_options.get("transformer_options"), step, sigma):
+                ctx.run.begin_evaluation(sigma, step)
         except Exception as e:
             guard.fail(ctx, "evaluation start", e)
         if ctx.guidance is not None and not ctx.run.closed:
@@ -346,8 +349,8 @@ def apply_model_wrapper(executor, *args, **kwargs):
 def _stream_keys(to, batch):
     uuids = list(to.get("uuids") or [])
     if not uuids or batch % len(uuids) != 0:
-        return ["batch"]
-    return uuids
+        uuids = ["batch"]
+    return context_windows.stream_keys(uuids, to)
 
 
 def _record_output(ctx, to, out, name):

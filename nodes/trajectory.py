@@ -36,6 +36,7 @@ def post_cfg(args):
         step = run.step_index
         sigmas = ctx.sample_sigmas
         sigma_next = sigmas[step + 1] if 0 <= step < len(sigmas) - 1 else None
+        # a cond-only step's uncond is derived, not computed (nodes/cond_only.py): not a point to correct from
         computed = run.current_outcome() != FORECAST and step not in run.stats.cond_only_steps
         served = correction.observe(args["input"], denoised, run.sigma, sigma_next, computed)
     except Exception as e:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import tiny_models as tm
-from conftest import simple
+from conftest import options, simple
 
 pytestmark = pytest.mark.comfy
 
@@ -369,3 +369,48 @@ def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log, mode):
     assert s["mode"] == ("stack" if mode == "probe" else "output") and not s["internal_error"], s
     assert s["forecast"] >= 4 and s["compute_fraction"] < 0.8, s["timeline"]
     assert rm.psnr(rm.decode(out), rm.decode(reference)) > 40
+
+
+def _with_context_windows(model, length: int = 4, overlap: int = 2):
+    """ComfyUI's Context Windows (Manual) node over the frames (dim 2) of a video latent."""
+    import inspect
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode as node
+    inputs = dict(context_length=length, context_overlap=overlap, context_schedule="standard_static",
+                  context_stride=1, closed_loop=False, fuse_method="pyramid", dim=2)
+    if "freenoise" in inspect.signature(node.execute).parameters:       # ComfyUI 0.8.0
+        inputs["freenoise"] = False
+    return node.execute(model, **inputs).result[0]
+
+
+def test_context_windows_keep_a_history_per_window(spec_nodes, stats_log):
+    """ComfyUI's context windows (long videos) call the model once per window of frames at each
+    step, each on its own slice of x. All the windows of a step are one evaluation, and each
+    window is forecast from its own past: with 4 windows (a tiny Wan, 9 frames, windows of 4
+    overlapping by 2) the cached picture stays as close to the uncached one as without windows,
+    for auto and for a planned 6x target (which, with windows, takes no cond-only step: one
+    difference cannot stand for every window). Before, the windows shared one history and
+    the 6x target's output was 51 times the uncached one's size."""
+    import comfy.sample
+    m = tm.build("wan21", seed=3)
+    latent = torch.zeros(1, 16, 9, 8, 8)
+
+    def sample(patcher, steps):
+        noise = comfy.sample.prepare_noise(latent, 42)
+        positive, negative = tm.conditioning("wan21")
+        return comfy.sample.sample(patcher, noise, steps, 2.0, "euler", "simple", positive, negative, latent,
+                                   disable_pbar=True, seed=42)
+
+    def error(out, ref):
+        return ((out - ref).norm() / ref.norm()).item()
+
+    target = options(spec_nodes, target_speedup=6.0)
+    for inputs, steps in ((dict(), 12), (dict(mode="speed_target", options=target), 28)):
+        patched = simple(spec_nodes, m, **inputs)
+        plain = error(sample(patched, steps), sample(m, steps))
+        alone = stats_log[-1]
+        windowed = error(sample(_with_context_windows(patched), steps), sample(_with_context_windows(m), steps))
+        s = stats_log[-1]
+        assert s["evaluations"] == steps and s["forecast"] > 0 and not s["internal_error"], s
+        assert windowed < 0.05 and windowed < 2 * plain + 1e-3, (inputs, windowed, plain)
+    assert alone["cond_only_steps"] and not s["cond_only_steps"]
+    assert s["timeline"] == alone["timeline"] and s["planned_steps"] == alone["planned_steps"]
