@@ -135,8 +135,8 @@ ADVANCED = {
         "target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.1,
         tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed "
                 "(which stops at 5x); speed 0 still turns the node off. 0: from the slider. Beyond 5x "
-                "it needs many steps: 6x computes 8 of 50 steps; of 28, 4 and one cond-only step (half a call, "
-                "with CFG) (README, \"Planned targets\")."),
+                "it needs many steps: 6x computes 8 of 50 steps, or of 28 steps 4 and one cond-only step (half "
+                "a call; with CFG only). README: \"Planned targets\"."),
     "target_schedule": lambda: io.Combo.Input(
         "target_schedule", options=list(TARGET_SCHEDULES), default=_D.target_schedule,
         tooltip="Mode speed_target: where the model runs. planned = the target's model calls are placed "
