@@ -752,7 +752,6 @@ def test_a_planned_target_computes_its_plan_and_nothing_else(core):
     assert 1 not in _run_planned(core, core.CacheConfig(threshold=0.1, target_speedup=6.0), near_one).planned_steps
 
 
-
 def _run_with_cond_only(core, config, sigmas, batched: bool):
     """A planned run driven as the glue drives a CFG run (cond and uncond in one chunk, or one
     chunk each): at a cond-only step only cond's chunk runs and the run books half a call."""
