@@ -41,7 +41,6 @@ class GuidanceDifference:
         self.steps = steps              # the planned cond-only steps
         self.difference: torch.Tensor | None = None
         self.derived = False            # uncond is derived from cond until the next computed step
-        self.last_call = None           # (step, sigma) of the last call
         self.off = False                # set when one evaluation made several calls
 
     def needed_after(self, step: int) -> bool:
@@ -51,16 +50,12 @@ class GuidanceDifference:
         self.difference = None
         self.derived = False
 
-    def repeated(self, step: int, sigma: float) -> bool:
-        """Whether this call repeats the last one's evaluation: ComfyUI's context windows (long
-        videos) call calc_cond_batch once per window, and one difference cannot stand for every
-        window. From then on the run makes whole calls."""
-        repeat = self.last_call == (step, sigma)
-        self.last_call = (step, sigma)
-        if repeat:
-            self.off = True
-            self.release()
-        return self.off
+    def turn_off(self) -> None:
+        """One evaluation made several calls: ComfyUI's context windows (long videos) call
+        calc_cond_batch once per window, and one difference cannot stand for every window.
+        From then on the run makes whole calls."""
+        self.off = True
+        self.release()
 
 
 def _pair(args, kwargs):
@@ -80,7 +75,9 @@ def calc_cond_batch(ctx, executor, args, kwargs):
     state, run = ctx.guidance, ctx.run
     step = run.step_index
     pair = _pair(args, kwargs)
-    if state.repeated(step, run.sigma) or pair is None:
+    if ctx.evaluations.repeated:
+        state.turn_off()
+    if state.off or pair is None:
         state.release()
         return executor(*args, **kwargs)
     conds, x = pair

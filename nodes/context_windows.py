@@ -26,14 +26,15 @@ def stream_keys(keys: list, transformer_options) -> list:
 
 class Evaluations:
     """Which calc_cond_batch calls begin an evaluation: with context windows only the first
-    window of each (step, sigma); every call otherwise."""
+    window of each (step, sigma); every call otherwise. ``repeated``: whether the last call
+    had the (step, sigma) of the call before it (windows, or any other second call)."""
 
     def __init__(self):
-        self.current = None         # (step, sigma) of the evaluation under way
+        self.current = None         # (step, sigma) of the last call
+        self.repeated = False
 
     def begins(self, transformer_options, step: int, sigma: float) -> bool:
         key = (step, sigma)
-        if window_key(transformer_options) is not None and key == self.current:
-            return False
+        self.repeated = key == self.current
         self.current = key
-        return True
+        return not (self.repeated and window_key(transformer_options) is not None)
