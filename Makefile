@@ -18,7 +18,7 @@ export COMFYUI_ARCHIVE COMFYUI_PATH COMFYUI_CACHE
 # The venv, torch and the test tools once; ComfyUI's part on every call (it redoes itself
 # whenever the ComfyUI it finds changes, and is quick otherwise).
 setup: $(STAMP)
-	$(PY) benchmarks/setup_env.py setup
+	$(PY) devkit/setup_env.py setup
 
 $(STAMP): tests/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ demo: setup
 	$(PY) -m benchmarks.demo
 
 test: setup
-	$(PY) benchmarks/setup_env.py test $(PYTEST_ARGS)
+	$(PY) devkit/setup_env.py test $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

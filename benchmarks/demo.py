@@ -4,7 +4,7 @@ Cache node, and show what it did.
     make demo            (or: .venv/bin/python -m benchmarks.demo)
 
 1. The reference models (ComfyUI's FLUX architecture, small, trained on real photographs;
-   see benchmarks/reference_model.py; 6 blocks, and 19 blocks at FLUX's depth ratio when its
+   see devkit/reference_model.py; 6 blocks, and 19 blocks at FLUX's depth ratio when its
    weights are there) through the Speculative Cache node as dropped into a graph: one sample
    per class, uncached and cached, side by side in benchmarks/output/demo*.png, with steps
    computed, wall clock and PSNR.
@@ -19,7 +19,7 @@ import time
 from importlib import import_module
 from pathlib import Path
 
-from . import comfy_env
+from devkit import comfy_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUT = Path(__file__).resolve().parent / "output"
@@ -59,12 +59,12 @@ def main(argv=None) -> int:
         print("Set COMFYUI_PATH=/path/to/ComfyUI or COMFYUI_ARCHIVE=ComfyUI-X.tar.gz (see README). Nothing to demo.")
         return 1
     comfy_env.setup_comfyui()
-    from . import reference_model as rm
+    from devkit import reference_model as rm
     from .metrics import psnr
     nodes = comfy_env.pack_nodes()
-    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
     stats = []
-    hooks.STATS_LISTENERS.append(lambda nid, s, final: final and stats.append(s))
+    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and stats.append(s))
     settings = {"speed": args.speed}
     print(f"Speculative Cache demo: ComfyUI at {comfy_env.find_comfyui()}, {args.steps} steps, euler, CPU")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_env
+from devkit import comfy_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,15 +68,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     comfy_env.setup_comfyui()
     nodes = comfy_env.pack_nodes()
-    from . import reference_model as rm
+    from devkit import reference_model as rm
     from .metrics import MacCounter, psnr
-    edit = import_module(f"{comfy_env.PACK_MODULE}.nodes.edit_region")
+    edit = import_module(f"{comfy_env.PACK_MODULE}.nodes.edit_region.region")
     model = rm.load_reference(args.model)
     dm = model.get_model_object("diffusion_model")
     labels = [i % len(rm.CLASSES) for i in range(args.samples)]
     seeds = [1000 + i for i in range(args.samples)]
     edit_stats = []
-    edit.STATS_LISTENERS.append(lambda nid, s: edit_stats.append(s))
+    edit.EDIT.listeners.append(lambda nid, s, final: edit_stats.append(s))
 
     def counted(patcher):
         m = patcher.clone()

@@ -4,6 +4,8 @@ process, against the uncached run.
     .venv/bin/python -m benchmarks.run_benchmark            # full run on the reference model
     .venv/bin/python -m benchmarks.run_benchmark --quick    # smoke test (< 3 min on 2 cores)
     .venv/bin/python -m benchmarks.run_benchmark --recipe my_flux.json   # any ComfyUI model (GPU)
+    .venv/bin/python -m benchmarks.run_benchmark --reproduce benchmarks/results/reference_beyond.json \
+        --grid beyond --model reference            # rerun committed rows: did a change keep behaviour?
 
 Per row: compute fraction (multiply-accumulates counted in the transformer, verification
 included, over the uncached run), wall-clock speedup (same process), PSNR and SSIM of the
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_env
+from devkit import comfy_env
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,10 +69,10 @@ def main_node(options: dict | None = None, **inputs):
 def engine(**fields):
     """The cache installed with exactly these CacheConfig fields (the others at their
     defaults), for engine settings no node input reaches (SpecDiff's token tiers)."""
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    glue = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.glue")
     core = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core")
     config = core.CacheConfig(**fields)
-    return lambda m: hooks.install(m, hooks.CacheSettings(config=config))[0]
+    return lambda m: glue.install(m, glue.CacheSettings(config=config))[0]
 
 
 def easy(cls, th):
@@ -93,7 +95,7 @@ def focus_grid(plan) -> list[Method]:
     # the same without the trajectory correction (the Options switch)
     for speed in (0.5, 0.75):
         grid.append(Method("speca", {"acceptance": "lookback", "speed": speed, "trajectory_correction": False},
-                           main_node(speed=speed, options={"trajectory_correction": False})))
+                           main_node(speed=speed, options={"trajectory_correction": "off"})))
     # the probe (SpeCa's per-step check; the node's default before lookback)
     grid.append(Method("speca", {"mode": "probe", "speed": 0.5}, main_node(mode="probe")))
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
@@ -235,9 +237,9 @@ class Probe:
                                       "joint_blocks", "layers") for b in (getattr(dm, name, None) or [])]
         self.macs = None
         comfy_env.pack_nodes()
-        hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+        hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
         self.our_stats = []
-        hooks.STATS_LISTENERS.append(lambda nid, s, final: final and self.our_stats.append(s))
+        hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and self.our_stats.append(s))
         self.holder_bytes = 0
 
     def calc_cond_batch_probe(self, executor, *args, **kwargs):
@@ -379,7 +381,7 @@ def benchmark(workload: Workload, quick: bool, plan, log=print, timing_samples: 
 
 # ---- workloads ------------------------------------------------------------------------
 def reference_workload(n_samples: int, steps: int, cfg: float, name: str = "reference") -> Workload:
-    from . import reference_model as rm
+    from devkit import reference_model as rm
     model = rm.load_reference(name)
     samples = []
     for i in range(n_samples):
@@ -407,7 +409,7 @@ def recipe_workload(path: Path) -> Workload:
         import comfy.model_management as mm
         import comfy.model_patcher
         import comfy.supported_models as sm
-        from .tiny_models import complete_unet_config
+        from devkit.tiny_models import complete_unet_config
         cfg = getattr(sm, recipe.get("model_config", "Flux"))(complete_unet_config(recipe["unet_config"]))
         cfg.set_inference_dtype(torch.float32 if not torch.cuda.is_available() else torch.bfloat16, None)
         bm = cfg.get_model({}, device=torch.device("cpu"))
@@ -420,7 +422,7 @@ def recipe_workload(path: Path) -> Workload:
     seeds = recipe.get("seeds", [0])
     cond = recipe.get("conditioning", "text")
     if cond == "reference_classes":
-        from . import reference_model as rm
+        from devkit import reference_model as rm
         for i, seed in enumerate(seeds):
             samples.append((rm.conditioning(i % len(rm.CLASSES)), rm.conditioning(rm.NULL_CLASS), seed))
     else:
@@ -448,9 +450,40 @@ def recipe_workload(path: Path) -> Workload:
 
 def block_plan(model):
     comfy_env.pack_nodes()
-    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.adapters")
+    adapters = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.adapters")
     found = adapters.stack_plan_for(model.get_model_object("diffusion_model"))
     return None if found is None else found[1].blocks
+
+
+# ---- reproducing committed rows ---------------------------------------------------------
+GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid}
+
+
+def reproduce(path: Path, grid_name: str, model: str, only=(), log=print) -> int:
+    """Rerun the rows of a committed results file that the grid still has (compute fraction and
+    PSNR; no timing) and compare: the check that a change kept behaviour. Returns how many rows
+    moved by more than 1e-4 in compute or 0.01 dB in PSNR."""
+    committed = json.loads(Path(path).read_text())
+    workload = reference_workload(committed["samples"], committed["steps"], committed["cfg"], model)
+    plan = block_plan(workload.model)
+    grid = GRIDS[grid_name](plan) if grid_name != "full" else method_grid(False, plan)
+    rows = {(r["method"], json.dumps(r["settings"], sort_keys=True)): r for r in committed["rows"]}
+    probe = Probe(workload)
+    base, images_ref = run_method(workload, grid[0], probe)
+    moved = checked = 0
+    for method in grid[1:]:
+        key = (method.method, json.dumps(method.settings, sort_keys=True))
+        if key not in rows or (only and not any(o in f"{key[0]} {key[1]}" for o in only)):
+            continue
+        row, _ = run_method(workload, method, probe, images_ref)
+        compute, was = row["macs"] / base["macs"], rows[key]
+        same = abs(compute - was["compute_fraction"]) <= 1e-4 and abs(row["psnr_db"] - was["psnr_db"]) <= 0.01
+        moved += not same
+        checked += 1
+        log(f"{'same ' if same else 'MOVED'} {key[0]:>10} {key[1]:<70} compute {was['compute_fraction']:.4f} -> "
+            f"{compute:.4f}  PSNR {was['psnr_db']:.3f} -> {row['psnr_db']:.3f} dB")
+    log(f"{checked} rows of {path} rerun, {moved} moved")
+    return moved
 
 
 # ---- reports ---------------------------------------------------------------------------
@@ -524,6 +557,11 @@ def main(argv=None) -> int:
                     help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
                          "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
                          "beyond: speed targets above 5x against TaylorSeer")
+    ap.add_argument("--reproduce", metavar="RESULTS_JSON",
+                    help="rerun the rows of a committed results file (with --grid and --model as it was made; "
+                         "no timing) and say which moved")
+    ap.add_argument("--only", nargs="*", default=(), help="with --reproduce: rows whose method or settings "
+                                                           "contain one of these strings")
     ap.add_argument("--timing-samples", type=int, default=3)
     ap.add_argument("--timing-repeats", type=int, default=3)
     args = ap.parse_args(argv)
@@ -533,6 +571,8 @@ def main(argv=None) -> int:
         return 1
     comfy_env.setup_comfyui()
     torch.manual_seed(0)
+    if args.reproduce:
+        return int(reproduce(Path(args.reproduce), args.grid, args.model, args.only) > 0)
     if args.recipe:
         workload = recipe_workload(Path(args.recipe))
     else:
@@ -542,7 +582,7 @@ def main(argv=None) -> int:
     print(f"benchmark {name}: {len(workload.samples)} samples, {workload.steps} steps, cfg {workload.cfg}, "
           f"ComfyUI {comfy_env.comfyui_version(comfy_env.find_comfyui())}")
     plan = block_plan(workload.model)
-    grid = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid}[args.grid](plan) if args.grid != "full" else None
+    grid = GRIDS[args.grid](plan) if args.grid != "full" else None
     result = benchmark(workload, args.quick, plan, timing_samples=args.timing_samples,
                        timing_repeats=args.timing_repeats, grid=grid)
     result["comfyui"] = comfy_env.comfyui_version(comfy_env.find_comfyui())

@@ -20,7 +20,7 @@ import sys
 import time
 from importlib import import_module
 
-from . import comfy_env
+from devkit import comfy_env
 from .run_benchmark import RESULTS
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
@@ -59,12 +59,12 @@ def main(argv=None) -> int:
     comfy_env.setup_comfyui()
     import comfy.samplers
 
-    from . import reference_model as rm
+    from devkit import reference_model as rm
     from .metrics import psnr
     nodes = comfy_env.pack_nodes()
-    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    hooks = import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
     stats = []
-    hooks.STATS_LISTENERS.append(lambda nid, s, final: final and stats.append(s))
+    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and stats.append(s))
     model = rm.load_reference(args.model)
     cached = nodes.SpeculativeCacheSimple.execute(model, mode=args.mode, speed=args.speed).result[0]
     labels = [i % len(rm.CLASSES) for i in range(args.samples)]

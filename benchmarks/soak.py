@@ -20,12 +20,8 @@ import random
 import sys
 import time
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from comfy_server import ComfyServer, api_graph, widget_defaults  # noqa: E402
+from devkit.comfy_server import ComfyServer, api_graph, widget_defaults
 
 RESOLUTIONS = [(64, 64), (128, 128), (96, 128), (128, 64)]
 SETTINGS = ["auto", "auto_fast", "speed_target", "off", "options_block", "options_clusca", "legacy_taylorseer",
@@ -45,7 +41,7 @@ class Soak:
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
                                               timeout=120)
         self.options_defaults = widget_defaults(
-            server.get("/object_info/SpeculativeCacheOptions")["SpeculativeCacheOptions"])
+            server.get("/object_info/SpeculativeCacheAdvancedOptions")["SpeculativeCacheAdvancedOptions"])
         self.legacy_defaults = widget_defaults(server.get("/object_info/SpeculativeCache")["SpeculativeCache"])
         self.problems: list[str] = []
         self.counts = {"completed": 0, "interrupted": 0, "cancelled": 0}
@@ -193,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from . import comfy_env
+    from devkit import comfy_env
     comfyui = comfy_env.find_comfyui()
     if comfyui is None:
         print("ComfyUI not found. Looked in: " + comfy_env.where_looked())

@@ -1,5 +1,5 @@
 """U-Net benchmark: Token Pruning (DaTo) against the uncached run, ComfyUI's own ToMe node and
-the Speculative Cache node, on the reference U-Net (benchmarks/reference_unet.py, SD1.5's
+the Speculative Cache node, on the reference U-Net (devkit/reference_unet.py, SD1.5's
 config class), through ComfyUI's real sampler.
 
     .venv/bin/python -m benchmarks.unet_benchmark [--samples 8]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_env
+from devkit import comfy_env
 from .edit_benchmark import AttentionCounter
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,10 +58,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     comfy_env.setup_comfyui()
     nodes = comfy_env.pack_nodes()
-    from . import reference_model as rm
-    from . import reference_unet as ru
+    from devkit import reference_model as rm
+    from devkit import reference_unet as ru
     from .metrics import psnr, ssim
-    pruning = import_module(f"{comfy_env.PACK_MODULE}.nodes.token_pruning")
+    pruning = import_module(f"{comfy_env.PACK_MODULE}.nodes.token_pruning.pruning")
     from comfy_extras.nodes_tomesd import TomePatchModel
     model = ru.load()
     dm = model.get_model_object("diffusion_model")
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                ("speca", "the Speculative Cache node as dropped into a graph (output level)", main_node()),
                ("speca + token_pruning", "both nodes at their defaults", lambda m: main_node()(prune()(m)))]
     stats = []
-    pruning.STATS_LISTENERS.append(lambda nid, s: stats.append(s))
+    pruning.PRUNING.listeners.append(lambda nid, s, final: stats.append(s))
     rows, reference, base = [], None, None
     for method, settings, apply in methods:
         patched = apply(model).clone()

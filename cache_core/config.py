@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .forecasters import REGISTRY as FORECASTER_REGISTRY
 from .output_space import SPACES
 from .target import MAX_TARGET_SPEEDUP, PLANNED_FROM
 
 METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
 GRANULARITIES = ("stack", "block")
-FORECASTERS = ("taylor", "hicache", "foca")
 TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1", "relative_change")
 ON_REJECT = ("redo", "next")
@@ -24,7 +24,7 @@ class CacheConfig:
     #   draft ``forecaster``. The others forecast at a fixed interval without verification:
     # "taylorseer" (Taylor), "reuse" (FORA: order 0), "hicache" (Hermite), "foca" (FoCa).
     method: str = "speca"
-    forecaster: str = "taylor"       # SpeCa's draft: taylor | hicache | foca
+    forecaster: str = "taylor"       # SpeCa's draft: a registered forecaster (forecasters/)
     time_axis: str = "sigma"         # forecast coordinate: sigma, or step index (papers)
     hicache_scale: float = 0.7       # HiCache's sigma (the paper's FLUX script uses 0.7)
     # The SpeCa reference code never computes two steps in a row fully (even in warm-up).
@@ -123,8 +123,8 @@ class CacheConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.forecaster not in FORECASTERS:
-            problems.append(f"forecaster must be one of {FORECASTERS}, got {self.forecaster!r}")
+        if self.forecaster not in FORECASTER_REGISTRY:
+            problems.append(f"forecaster must be one of {tuple(FORECASTER_REGISTRY)}, got {self.forecaster!r}")
         if self.time_axis not in TIME_AXES:
             problems.append(f"time_axis must be one of {TIME_AXES}, got {self.time_axis!r}")
         if not (0.0 < self.hicache_scale <= 2.0):
@@ -214,7 +214,8 @@ class CacheConfig:
         """The forecaster that produces the features of a forecast step."""
         if self.method == "speca":
             return self.forecaster
-        return {"hicache": "hicache", "foca": "foca"}.get(self.method, "taylor")
+        # a fixed-interval method named after a registered forecaster uses it (hicache, foca)
+        return self.method if self.method in FORECASTER_REGISTRY else "taylor"
 
     @property
     def enabled(self) -> bool:

@@ -16,6 +16,8 @@ PSNR (one loss: -1.3 dB at 4x on the deep model), and far less with samplers tha
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 SPACES = ("model", "noise")
@@ -41,3 +43,73 @@ def velocity_from_noise(eps: torch.Tensor, x: torch.Tensor, sigma: float) -> tor
 
 def can_forecast_noise(sigma: float) -> bool:
     return 1.0 - sigma >= MIN_SIGNAL
+
+
+# k-diffusion functions that take a noise_sampler but never use it (they run their
+# ancestral twin at eta 0).
+_NOISE_SAMPLER_UNUSED = ("sample_res_multistep", "sample_res_multistep_cfg_pp")
+
+
+def adds_noise(sampler) -> bool:
+    """Whether a sampler draws fresh noise at its steps (ancestral and SDE samplers: those
+    whose function takes a ``noise_sampler``, unless its ``eta`` or ``s_noise`` is 0)."""
+    function = getattr(sampler, "sampler_function", None)
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    if "noise_sampler" not in params or getattr(function, "__name__", "") in _NOISE_SAMPLER_UNUSED:
+        return False
+    options = getattr(sampler, "extra_options", None) or {}
+    for name in ("eta", "s_noise"):
+        value = options.get(name, params[name].default if name in params else None)
+        if isinstance(value, (int, float)) and value == 0:
+            return False
+    return True
+
+
+class OutputSpace:
+    """Identity, or the noise space of a flow model's velocity. The diffusion model's input
+    ``x`` is the sampler's x for flow models (CONST scales no input); a model whose input
+    has more channels than its output (concatenated conditioning) keeps the model space,
+    decided at the first recorded output."""
+
+    def __init__(self, noise: bool):
+        self.noise = noise
+        self.recorded = False
+
+    def encode(self, out: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """What to record of the output ``out`` computed from ``x`` at ``sigma``."""
+        if not self.noise:
+            return out
+        if x.shape != out.shape:
+            if self.recorded:
+                raise ValueError(f"the model input changed shape mid-run ({tuple(x.shape)} vs output "
+                                 f"{tuple(out.shape)})")
+            self.noise = False
+            return out
+        self.recorded = True
+        return noise_from_velocity(out, x, sigma)
+
+    def decode(self, pred: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor | None:
+        """The model output for a forecast ``pred`` of what was recorded; None when this step
+        cannot be forecast in this space (compute it)."""
+        if not self.noise:
+            return pred
+        if x.shape != pred.shape or not can_forecast_noise(sigma):
+            return None
+        return velocity_from_noise(pred, x, sigma)
+
+
+MODEL_SPACE = OutputSpace(False)
+
+
+def look_back(chunk, name: str, space: OutputSpace, out: torch.Tensor, x: torch.Tensor, sigma: float) -> None:
+    """Lookback acceptance, at a computed step: how far the forecast of this step's output
+    (from the computed steps before it) is from the real ``out``; the policy sizes the next
+    run of forecasts from it. Nothing to measure until the history can forecast."""
+    if not chunk.can_forecast((name,)):
+        return
+    pred = space.decode(chunk.predict(name), x, sigma)
+    if pred is not None and pred.shape == out.shape:
+        chunk.look_back(pred, out)

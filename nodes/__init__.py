@@ -1,11 +1,21 @@
-"""ComfyUI side of the pack: the nodes and the glue that hooks the engine into models."""
+"""ComfyUI side of the pack: one folder per node feature over the shared runtime.
 
-from .edit_region import SpeculativeCacheEditRegion
-from .legacy_node import SpeculativeCache
-from .speculative_cache import SpeculativeCacheOptions, SpeculativeCacheSimple
-from .token_pruning import SpeculativeCacheTokenPruning
+    runtime/         what every feature shares: its life on a model and through a run, block patch
+                     chains, what features publish to each other, guards, ComfyUI compatibility
+    step_cache/      Speculative Cache (+ Options, + the nodes of older graphs)
+    edit_region/     Speculative Cache Edit Region (EEdit)
+    token_pruning/   Speculative Cache Token Pruning (DaTo, U-Nets)
 
-NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCache, SpeculativeCacheEditRegion,
-             SpeculativeCacheTokenPruning]
+Features never import each other: they cooperate through keys in ``transformer_options``
+(runtime/published.py)."""
 
-__all__ = ["SpeculativeCache", "SpeculativeCacheEditRegion", "SpeculativeCacheTokenPruning", "SpeculativeCacheSimple", "SpeculativeCacheOptions", "NODE_LIST"]
+from .edit_region.node import SpeculativeCacheEditRegion
+from .step_cache.legacy_node import SpeculativeCache
+from .step_cache.node import SpeculativeCacheFirstOptions, SpeculativeCacheOptions, SpeculativeCacheSimple
+from .token_pruning.node import SpeculativeCacheTokenPruning
+
+NODE_LIST = [SpeculativeCacheSimple, SpeculativeCacheOptions, SpeculativeCacheEditRegion, SpeculativeCacheTokenPruning,
+             SpeculativeCache, SpeculativeCacheFirstOptions]
+
+__all__ = ["SpeculativeCache", "SpeculativeCacheEditRegion", "SpeculativeCacheTokenPruning", "SpeculativeCacheSimple",
+           "SpeculativeCacheOptions", "SpeculativeCacheFirstOptions", "NODE_LIST"]

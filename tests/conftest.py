@@ -1,5 +1,5 @@
 """Test setup. Engine tests need only torch. ComfyUI tests need a ComfyUI checkout
-(found as in benchmarks/comfy_env.py); without one they skip with one loud line."""
+(found as in devkit/comfy_env.py); without one they skip with one loud line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended: ComfyUI's own `nodes` must win over ours
 
-from benchmarks import comfy_env  # noqa: E402
+from devkit import comfy_env  # noqa: E402
 
 COMFYUI = comfy_env.find_comfyui()
 _skipped_for_comfy: list[str] = []
@@ -75,12 +75,12 @@ def spec_nodes():
 def stats_log(spec_nodes):
     """Final stats of every run during the test, in order."""
     import importlib
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.hooks")
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
     seen = []
     listener = lambda node_id, stats, final: final and seen.append(dict(stats, node=node_id))  # noqa: E731
-    hooks.STATS_LISTENERS.append(listener)
+    hooks.STEP_CACHE.listeners.append(listener)
     yield seen
-    hooks.STATS_LISTENERS.remove(listener)
+    hooks.STEP_CACHE.listeners.remove(listener)
 
 
 def cached(spec_nodes, model, **settings):
@@ -94,8 +94,14 @@ def simple(spec_nodes, model, **inputs):
 
 
 def options(spec_nodes, **inputs):
-    """A Speculative Cache Options node's output with these inputs."""
+    """A Speculative Cache Options node's output with these inputs (the others at auto)."""
     return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]
+
+
+def forget_warnings():
+    """Forget which once-per-process warnings were given (so a test sees its own)."""
+    import importlib
+    importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.runtime.log")._warned.clear()
 
 
 def config_of(patched):

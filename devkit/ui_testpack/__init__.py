@@ -1,0 +1,102 @@
+"""Test-only ComfyUI node pack: a tiny FLUX model (ComfyUI's own class, random weights),
+its conditioning and a latent sink, so a real ComfyUI server can run a Speculative Cache
+graph without model files. Loaded by the server tests, never shipped to users."""
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)  # appended: ComfyUI's own `nodes` module must win
+
+_models = {}
+
+
+class SCTestTinyFlux:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing/speculative_cache"
+
+    def build(self, seed):
+        from devkit import tiny_models
+        if seed not in _models:
+            _models[seed] = tiny_models.build("flux", seed=seed)
+        return (_models[seed],)
+
+
+class SCTestConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 1, "min": 0, "max": 1000})}}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "make"
+    CATEGORY = "testing/speculative_cache"
+
+    def make(self, seed):
+        from devkit import tiny_models
+        return tiny_models.conditioning("flux", seed=seed)
+
+
+class SCTestLatentSink:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "sink"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/speculative_cache"
+
+    def sink(self, samples):
+        s = samples["samples"]
+        return {"ui": {"text": [f"{tuple(s.shape)} finite={bool(s.isfinite().all())}"]}}
+
+
+NODE_CLASS_MAPPINGS = {"SCTestTinyFlux": SCTestTinyFlux, "SCTestConditioning": SCTestConditioning,
+                       "SCTestLatentSink": SCTestLatentSink}
+
+
+def _memory() -> dict:
+    """What the server process holds: open Speculative Cache runs, the bytes of every stream
+    cache still alive, all torch tensors, and the resident memory."""
+    import gc
+    import os
+    import warnings
+
+    import torch
+    gc.collect()
+    runs = streams = tensors = 0
+    open_runs, cache_bytes = 0, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            name = type(o).__name__
+            if name == "SpeculativeRun":
+                runs += 1
+                open_runs += not o.closed
+            elif name == "StreamCache":
+                streams += 1
+                cache_bytes += o.nbytes()
+            elif isinstance(o, torch.Tensor):
+                tensors += 1
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"runs": runs, "open_runs": open_runs, "streams": streams, "cache_bytes": cache_bytes,
+            "tensors": tensors, "rss": rss}
+
+
+try:  # a route for the soak test (benchmarks/soak.py): memory held after many prompts
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get("/sc_test/memory")
+    async def _memory_route(request):
+        return web.json_response(_memory())
+except Exception:  # not inside a ComfyUI server
+    pass

@@ -1,0 +1,1 @@
+"""What every node feature of the pack shares (see feature.py)."""

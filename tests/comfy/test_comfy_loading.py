@@ -1,0 +1,117 @@
+"""The pack as ComfyUI loads it (ComfyUI's own custom-node loader), and the example
+workflows against ComfyUI's real node definitions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from devkit import comfy_env
+
+pytestmark = pytest.mark.comfy
+
+WORKFLOWS = sorted((comfy_env.PACK_ROOT / "workflows").glob("*.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+OUR_NODES = {"SpeculativeCacheSimple", "SpeculativeCacheEditRegion"}
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes(spec_nodes):
+    import nodes
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    assert asyncio.run(nodes.load_custom_node(str(comfy_env.PACK_ROOT)))
+    return nodes
+
+
+def test_comfyui_loader_registers_the_node_and_web_dir(comfy_nodes):
+    names = comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS
+    assert names.get("SpeculativeCacheSimple") == "Speculative Cache"
+    assert names.get("SpeculativeCacheAdvancedOptions") == "Speculative Cache Options"
+    # graphs saved with the first Options node still find it, marked deprecated
+    assert "before 0.5" in names.get("SpeculativeCacheOptions")
+    assert comfy_nodes.NODE_CLASS_MAPPINGS["SpeculativeCacheOptions"].GET_SCHEMA().is_deprecated
+    # graphs saved with the 19-input node still find it, marked deprecated
+    assert "legacy" in names.get("SpeculativeCache")
+    assert comfy_nodes.NODE_CLASS_MAPPINGS["SpeculativeCache"].GET_SCHEMA().is_deprecated
+    web_dirs = [d for d in comfy_nodes.EXTENSION_WEB_DIRS.values() if d.endswith("web/js")]
+    assert any(str(comfy_env.PACK_ROOT) in d for d in web_dirs)
+
+
+def _widget_inputs(node_class):
+    info = node_class.GET_NODE_INFO_V1() if hasattr(node_class, "GET_NODE_INFO_V1") else None
+    if info is not None:
+        order = info["input_order"]
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    else:
+        types = node_class.INPUT_TYPES()
+        spec = {**types.get("required", {}), **types.get("optional", {})}
+        order = {"required": list(types.get("required", {})), "optional": list(types.get("optional", {}))}
+    names = order.get("required", []) + order.get("optional", [])
+    out = []
+    for n in names:
+        t = spec[n][0]
+        opts = spec[n][1] if len(spec[n]) > 1 else {}
+        if isinstance(t, list) or t in WIDGET_TYPES:
+            out.append(n)
+            if opts.get("control_after_generate"):
+                out.append(n + ":control")
+    return out, {n: spec[n][0] for n in names}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
+    wf = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    types = [n["type"] for n in wf["nodes"]]
+    assert OUR_NODES & set(types)
+    for node in wf["nodes"]:
+        cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+        assert cls is not None, f"{path.name}: unknown node {node['type']}"
+        widgets, input_types = _widget_inputs(cls)
+        assert len(node["widgets_values"]) == len(widgets), (node["type"], widgets, node["widgets_values"])
+        for inp in node["inputs"]:
+            assert inp["name"] in input_types, (node["type"], inp["name"])
+    for link_id, src, sslot, dst, dslot, typ in wf["links"]:
+        assert by_id[src]["outputs"][sslot]["type"] == typ
+        assert by_id[dst]["inputs"][dslot]["type"] == typ
+        assert by_id[dst]["inputs"][dslot]["link"] == link_id
+    # Every Speculative Cache sits between a model loader and a sampler
+    for sc in (n for n in wf["nodes"] if n["type"] in OUR_NODES):
+        downstream = {by_id[dst]["type"] for _, src, _, dst, _, _ in wf["links"] if src == sc["id"]}
+        assert downstream in ({"KSampler"}, {"KSamplerAdvanced"})
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
+    """The Speculative Cache widget values in the workflow build a working config."""
+    wf = json.loads(path.read_text())
+    import devkit.tiny_models as tm
+    defaults = {"SpeculativeCacheSimple": {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0},
+                "SpeculativeCacheEditRegion": {"margin": 2, "refresh_interval": 3, "final_refresh_steps": 1,
+                                               "context": "linear"}}
+    for sc in (n for n in wf["nodes"] if n["type"] in OUR_NODES):
+        node_class = getattr(spec_nodes, sc["type"])
+        widgets, _ = _widget_inputs(node_class)
+        settings = dict(zip(widgets, sc["widgets_values"]))
+        assert settings == defaults[sc["type"]]
+        assert {i.id: i.default for i in node_class.GET_SCHEMA().inputs if i.id in settings} == settings
+        out = node_class.execute(tm.build("flux"), **settings)
+        assert out.result[0] is not None
+
+
+def test_comparison_workflow_samples_the_same_seed_with_and_without_the_cache():
+    """Two KSamplers with the same settings, conditioning and latent: one through the node,
+    one straight from the loader; their images are stitched side by side."""
+    wf = json.loads((comfy_env.PACK_ROOT / "workflows" / "flux_dev_compare_with_and_without_cache.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    source = {(dst, dslot): src for _, src, _, dst, dslot, _ in wf["links"]}
+    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    assert len(samplers) == 2 and samplers[0]["widgets_values"] == samplers[1]["widgets_values"]
+    models = sorted(by_id[source[(k["id"], 0)]]["type"] for k in samplers)
+    assert models == ["SpeculativeCacheSimple", "UNETLoader"]
+    for slot in (1, 2, 3):              # positive, negative, latent: the same nodes
+        assert source[(samplers[0]["id"], slot)] == source[(samplers[1]["id"], slot)]
+    stitch = next(n for n in wf["nodes"] if n["type"] == "ImageStitch")
+    assert {by_id[source[(stitch["id"], s)]]["type"] for s in (0, 1)} == {"VAEDecode"}

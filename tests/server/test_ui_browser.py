@@ -1,0 +1,192 @@
+"""The node as a user meets it: Debian's headless Chromium, driven by Playwright, against a
+real ComfyUI server with this pack. Saves a screenshot to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from devkit.comfy_server import ROOT, ComfyServer, ui_graph, widget_defaults
+from conftest import COMFYUI
+
+pytestmark = pytest.mark.comfy
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+STEPS = 12
+
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright (python package) not installed: pip install playwright")
+    if CHROMIUM is None:
+        pytest.skip("Chromium not found: apt-get install chromium (see README, 'Tests')")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def page():
+    sync_playwright = _playwright()
+    server = ComfyServer(COMFYUI).start()
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        pg = browser.new_page(viewport={"width": 1500, "height": 950})
+        pg.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(server.url)
+        pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
+                             "app.extensions?.some(e => e.name === 'SpeculativeCache.LiveStats')",
+                             timeout=90_000)
+        pg.server, pg.errors = server, errors
+        yield pg
+        browser.close()
+    server.stop()
+
+
+def our_errors(page):
+    """Console errors caused by this pack (the frontend logs some of its own offline)."""
+    return [e for e in page.errors if "speculative" in e.lower() or "SpeculativeCache" in e]
+
+
+def test_node_is_found_in_the_node_library_and_added(page):
+    page.evaluate("() => app.graph.clear()")
+    page.wait_for_timeout(1000)
+    page.mouse.dblclick(750, 450)                      # the node search dialog
+    search = page.get_by_placeholder("Search Nodes...")
+    search.wait_for(timeout=15_000)
+    search.fill("Speculative Cache")
+    entries = page.get_by_text("model_patches > speculative_cache")        # the library entries
+    entries.first.wait_for(timeout=15_000)
+    page.wait_for_timeout(300)
+    listed = page.locator("[role=option]").all_text_contents()
+    assert not any("legacy" in t for t in listed)          # the deprecated node is not offered
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => app.graph._nodes.some(n => n.type === 'SpeculativeCacheSimple')", timeout=15_000)
+    info = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCacheSimple');
+        const w = n.widgets.find(w => w.name === 'speed');
+        return {type: w.type, value: w.value, panel: !!n.speculativeCachePanel, title: n.title,
+                inputs: n.inputs.map(i => i.name),
+                widgets: n.widgets.filter(w => w.serialize !== false && w.name !== 'speculative_cache_stats').map(w => w.name),
+                sliders: n.widgets.filter(w => w.type === 'slider').map(w => w.name)}; }""")
+    assert info["title"] == "Speculative Cache"
+    assert info["type"] == "slider" and info["value"] == 0.5
+    assert info["widgets"] == ["mode", "speed", "start_percent", "end_percent"]
+    assert "options" in info["inputs"] and info["panel"]
+    assert our_errors(page) == []
+
+
+def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
+    """The main node fed by an Options node (a threshold the tiny random model passes), run
+    from the browser: summary with the time saved, timeline, and the chart of each
+    check's error against its threshold."""
+    info = page.server.get("/object_info/SpeculativeCacheAdvancedOptions")["SpeculativeCacheAdvancedOptions"]
+    defaults = widget_defaults(info)
+    options = [dict(defaults, threshold=5.0)[n] for n in info["input_order"]["required"]]
+    page.evaluate("(g) => app.loadGraphData(g)", ui_graph(["auto", 0.5, 0.0, 1.0], STEPS, options_widgets=options))
+    page.wait_for_timeout(500)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        f"() => document.querySelector('.speculative-cache-summary')?.textContent.includes('/{STEPS} computed')",
+        timeout=120_000)
+    text = page.text_content(".speculative-cache-summary")
+    cells = page.locator(".speculative-cache-timeline .speculative-cache-cell")
+    assert cells.count() == STEPS
+    forecast_cells = page.locator(".speculative-cache-timeline .speculative-cache-F").count()
+    assert forecast_cells > 0
+    computed = int(text.split("/")[0])
+    assert computed + forecast_cells == STEPS
+    # auto looks back: the summary counts the computed steps that checked the forecasts before them
+    assert "checked" in text and "x" in text and "MB" in text and "saved" in text
+    # euler: the computed steps after forecasts corrected the path the forecasts took
+    assert "corrected" in text
+    # the chart: one dot per check, green under the tolerance / orange over, under a threshold line
+    dots = page.locator(".speculative-cache-chart .speculative-cache-error")
+    assert dots.count() > 0 and page.locator(".speculative-cache-chart .speculative-cache-threshold").count() == 1
+    assert page.locator(".speculative-cache-chart .accepted").count() > 0
+    chart = page.locator(".speculative-cache-chart").bounding_box()
+    assert chart["height"] >= 20 and chart["y"] + chart["height"] <= area_bottom(page) + 1
+    # the strip is really on screen, inside the widget area the frontend gave it
+    strip = page.locator(".speculative-cache-timeline").bounding_box()
+    assert strip["height"] >= 8 and strip["y"] + strip["height"] <= area_bottom(page) + 1
+    assert cells.first.is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    # move the graph below the frontend's top bar, so the node's title is in the picture
+    page.evaluate("() => { app.canvas.ds.offset[1] += 90; app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(400)
+    box = page.evaluate("""() => { const n = app.graph._nodes.find(n => n.type === 'SpeculativeCacheSimple');
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - 30]);
+        const c = app.canvas.canvas.getBoundingClientRect(); const s = app.canvas.ds.scale;
+        return {x: x + c.x, y: y + c.y, w: n.size[0] * s, h: (n.size[1] + 40) * s}; }""")
+    page.screenshot(path=str(ARTIFACTS / "node_after_run.png"),
+                    clip={"x": max(box["x"] - 10, 0), "y": max(box["y"] - 10, 0),
+                          "width": box["w"] + 20, "height": box["h"] + 20})
+    page.screenshot(path=str(ARTIFACTS / "graph_after_run.png"))
+    assert our_errors(page) == []
+
+
+def area_bottom(page):
+    """The bottom of the area the frontend gave the stats widget."""
+    return page.evaluate("""() => document.querySelector('.speculative-cache-stats')
+        .parentElement.getBoundingClientRect().bottom""")
+
+
+def test_setting_hides_the_stats(page):
+    page.evaluate("() => app.extensionManager.setting.set('SpeculativeCache.ShowStats', false)")
+    page.wait_for_timeout(300)
+    assert not page.is_visible(".speculative-cache-stats")
+    page.evaluate("() => app.extensionManager.setting.set('SpeculativeCache.ShowStats', true)")
+    page.wait_for_timeout(300)
+    assert page.is_visible(".speculative-cache-stats")
+
+
+@pytest.mark.parametrize("name", ["flux_dev_text_to_image", "hunyuan_video_text_to_video",
+                                  "wan22_text_to_video_two_experts", "qwen_image_text_to_image",
+                                  "flux_dev_compare_with_and_without_cache", "flux_fill_inpainting_edit_region"])
+def test_example_workflows_load_from_the_template_route(page, name):
+    before = len(page.errors)
+    n_nodes = page.evaluate(f"""async () => {{
+        const r = await fetch('/api/workflow_templates/speculative-cache/{name}.json');
+        const wf = await r.json(); await app.loadGraphData(wf);
+        return [wf.nodes.length, app.graph._nodes.length,
+                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheSimple').length,
+                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheEditRegion').length]; }}""")
+    expected = {"wan22_text_to_video_two_experts": (2, 0), "flux_fill_inpainting_edit_region": (0, 1)}.get(name, (1, 0))
+    assert n_nodes[0] == n_nodes[1] and tuple(n_nodes[2:]) == expected
+    new_errors = [e for e in page.errors[before:] if "speculative" in e.lower()]
+    assert new_errors == []
+
+
+def test_a_graph_saved_with_the_legacy_node_loads_with_its_settings(page):
+    """A workflow saved with the 19-input node (0.1): it loads with every widget holding its
+    saved value (checked by input name), the node says it is the legacy one, and it runs."""
+    wf = json.loads((ROOT / "tests" / "data" / "legacy_flux_workflow.json").read_text())
+    saved = next(n for n in wf["nodes"] if n["type"] == "SpeculativeCache")["widgets_values"]
+    order = [n for n in page.server.get("/object_info/SpeculativeCache")["SpeculativeCache"]["input_order"]["required"]
+             if n != "model"]
+    before = len(page.errors)
+    values = page.evaluate("""async (wf) => { await app.loadGraphData(wf);
+        const n = app.graph._nodes.find(n => n.type === 'SpeculativeCache');
+        return {widgets: Object.fromEntries(n.widgets.filter(w => w.name !== 'speculative_cache_stats')
+                                             .map(w => [w.name, w.value])),
+                text: n.speculativeCachePanel?.text.textContent ?? ''}; }""", wf)
+    assert values["widgets"] == dict(zip(order, saved, strict=True))
+    assert values["widgets"]["max_forecast_steps"] == 4
+    assert "Legacy node" in values["text"]
+    assert [e for e in page.errors[before:] if "speculative" in e.lower()] == []
+    # and it runs, through the same graph the browser builds
+    legacy_graph = ui_graph(saved, STEPS, sc_type="SpeculativeCache")
+    page.evaluate("(g) => app.loadGraphData(g)", legacy_graph)
+    page.wait_for_timeout(300)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function(
+        f"() => document.querySelector('.speculative-cache-summary')?.textContent.includes('/{STEPS} computed')",
+        timeout=120_000)
+    assert our_errors(page) == []
