@@ -413,7 +413,8 @@ def recipe_workload(path: Path) -> Workload:
         cfg = getattr(sm, recipe.get("model_config", "Flux"))(complete_unet_config(recipe["unet_config"]))
         cfg.set_inference_dtype(torch.float32 if not torch.cuda.is_available() else torch.bfloat16, None)
         bm = cfg.get_model({}, device=torch.device("cpu"))
-        bm.diffusion_model.load_state_dict(comfy.utils.load_torch_file(resolve(recipe["model"])), strict=True)
+        bm.diffusion_model.load_state_dict(cfg.process_unet_state_dict(comfy.utils.load_torch_file(resolve(recipe["model"]))),
+                                          strict=True)
         model = comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(),
                                                  offload_device=mm.unet_offload_device())
     else:

@@ -120,10 +120,11 @@ FAMILIES: tuple[Family, ...] = (
            apply_model_level=True, notes="SD3, SD3.5 (no DIFFUSION_MODEL hook: driven from APPLY_MODEL)"),
 
     # ---- output level: the forward calls no block patches ----------------------------------
-    Family("lumina2", ("comfy.ldm.lumina.model.NextDiT",), notes="Lumina 2, Z-Image (0.8.0), NetaYume"),
+    Family("lumina2", ("comfy.ldm.lumina.model.NextDiT",), subclasses=True,
+           notes="Lumina 2, Z-Image (0.8.0), NetaYume, its pixel-space variant (0.29)"),
     Family("hidream", ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel",), notes="HiDream"),
-    Family("cosmos", ("comfy.ldm.cosmos.model.GeneralDIT", "comfy.ldm.cosmos.predict2.MiniTrainDIT"),
-           notes="Cosmos 1.0, Cosmos Predict2"),
+    Family("cosmos", ("comfy.ldm.cosmos.model.GeneralDIT", "comfy.ldm.cosmos.predict2.MiniTrainDIT"), subclasses=True,
+           notes="Cosmos 1.0, Cosmos Predict2, Anima (0.29)"),
     Family("omnigen2", ("comfy.ldm.omnigen.omnigen2.OmniGen2Transformer2DModel",), notes="OmniGen2"),
     # Its forward does call block patches, but ComfyUI 0.8.0's own patch path is broken: the
     # original block it hands to a patch calls TransformerDecoderBlock.forward(x=...), whose
@@ -140,8 +141,34 @@ FAMILIES: tuple[Family, ...] = (
            notes="Hunyuan-DiT; calls block patches, no block contract written yet"),
     Family("hunyuan3d", ("comfy.ldm.hunyuan3d.model.Hunyuan3Dv2", "comfy.ldm.hunyuan3dv2_1.hunyuandit.HunYuanDiTPlain"),
            notes="Hunyuan3D 2.0 / 2.1; call block patches, no block contract written yet"),
-    Family("audio", ("comfy.ldm.audio.dit.AudioDiffusionTransformer", "comfy.ldm.ace.model.ACEStepTransformer2DModel"),
-           notes="Stable Audio, ACE-Step; Stable Audio calls block patches, no block contract written yet"),
+    Family("audio", ("comfy.ldm.audio.dit.AudioDiffusionTransformer", "comfy.ldm.ace.model.ACEStepTransformer2DModel",
+                     "comfy.ldm.ace.ace_step15.AceStepConditionGenerationModel"),
+           notes="Stable Audio, ACE-Step, ACE-Step 1.5 (0.29); Stable Audio calls block patches, no block contract "
+                 "written yet"),
+    # ComfyUI 0.29 (July 2026): not analysed at block level yet; their forwards call no block patches
+    # unless the note says so.
+    Family("image_dits_0_29", ("comfy.ldm.boogu.model.BooguTransformer2DModel",
+                               "comfy.ldm.ernie.model.ErnieImageModel",
+                               "comfy.ldm.ideogram4.model.Ideogram4Transformer2DModel",
+                               "comfy.ldm.krea2.model.SingleStreamDiT",
+                               "comfy.ldm.pixeldit.model.PixDiT_T2I", "comfy.ldm.pixeldit.pid.PidNet",
+                               "comfy.ldm.triposplat.model.LatentSeqMMFlowModel"),
+           notes="Boogu, Ernie-Image, Ideogram 4, Krea 2, PixelDiT, TripoSplat (0.29)"),
+    Family("video_dits_0_29", ("comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel",),
+           notes="CogVideoX (0.29)"),
+    Family("patching_dits_0_29", ("comfy.ldm.hidream_o1.model.HiDreamO1Transformer",
+                                  "comfy.ldm.joyimage.model.JoyImageTransformer3DModel",
+                                  "comfy.ldm.lens.model.LensTransformer2DModel",
+                                  "comfy.ldm.mage_flow.model.MageFlowTransformer2DModel",
+                                  "comfy.ldm.seedvr.model.NaDiT"),
+           notes="HiDream-O1, JoyImage, Lens, MageFlow, SeedVR (0.29); they call block patches, no block contract "
+                 "written yet"),
+    Family("wan_variants_0_29", ("comfy.ldm.wan.ar_model.CausalWanModel", "comfy.ldm.wan.model.SCAILWanModel",
+                                 "comfy.ldm.wan.model.SCAIL2WanModel", "comfy.ldm.wan.model_wandancer.WanDancerModel"),
+           notes="Wan 2.1 CausalAR, SCAIL, WanDancer (0.29); they call block patches, no block contract written yet"),
+    Family("vision_0_29", ("comfy.ldm.depth_anything_3.model.DepthAnything3Net", "comfy.ldm.rt_detr.rtdetr_v4.RTv4",
+                           "comfy.ldm.sam3.detector.SAM3Model"),
+           notes="Depth Anything 3, RT-DETR v4, SAM 3 (0.29): not diffusion models; nothing to forecast"),
     Family("unet", ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",
                     "comfy.ldm.cascade.stage_b.StageB", "comfy.ldm.cascade.stage_c.StageC"),
            notes="SD1.5, SDXL and other U-Nets, Stable Cascade (Token Pruning node for SD1.5/SDXL)"),

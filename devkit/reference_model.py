@@ -129,7 +129,9 @@ def build_comfy_model(state_dict=None, name: str = "reference"):
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device=torch.device("cpu"))
     if state_dict is not None:
-        missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=True)
+        # ComfyUI's own conversion of the file's names to its class's (0.29 renamed the RMSNorm
+        # parameter of its Flux class from .scale to .weight and converts FLUX checkpoints here)
+        model.diffusion_model.load_state_dict(cfg.process_unet_state_dict(dict(state_dict)), strict=True)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())

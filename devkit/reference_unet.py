@@ -49,7 +49,7 @@ def build(state_dict=None):
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device=torch.device("cpu"))
     if state_dict is not None:
-        model.diffusion_model.load_state_dict(state_dict, strict=True)
+        model.diffusion_model.load_state_dict(cfg.process_unet_state_dict(dict(state_dict)), strict=True)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())

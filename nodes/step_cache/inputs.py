@@ -1,7 +1,7 @@
 """The Speculative Cache Options node's inputs: each one's widget, and which value means "not set".
 
 Every input has an explicit ``auto`` value (a combo's ``auto``, ``-1`` for a number, ``0`` for
-the memory budget and the target): left there, the mode and the detected family decide
+the memory budget, ``1`` for the target speed-up): left there, the mode and the detected family decide
 (``cache_core/recipe.py``); anything else is used exactly, in every mode, or the console line
 names it as not applicable. New inputs go at the END (graphs store widget values by position)."""
 
@@ -125,11 +125,13 @@ OPTIONS = [
            "Modes auto and speed_target, with an Euler sampler (euler, ddim): at each computed step, re-estimate "
            "the forecast steps since the last one and let this step carry the difference. auto: on where the "
            "sampler allows it.", SWITCH.get),
-    _zero_is_auto("target_speedup", lambda: io.Float.Input(
-        "target_speedup", default=0.0, min=0.0, max=MAX_TARGET_SPEEDUP, step=0.1,
+    # 1 = from the slider (a 1x target asks for nothing), so every value offered is one the node accepts
+    OptionInput("target_speedup", lambda: io.Float.Input(
+        "target_speedup", default=1.0, min=1.0, max=MAX_TARGET_SPEEDUP, step=0.1,
         tooltip="Mode speed_target: the speed-up to aim for, instead of the slider's 1 + 4 x speed (which stops "
-                "at 5x). 0: from the slider. Beyond 5x it needs many steps: 6x computes 8 of 50 steps, or of 28 "
-                "steps 4 and one cond-only step (with CFG only).")),
+                "at 5x). 1: from the slider. Beyond 5x it needs many steps: 6x computes 8 of 50 steps, or of 28 "
+                "steps 4 and one cond-only step (with CFG only)."),
+                lambda value: None if value == 1.0 else value),
     _combo("target_schedule", [s for s in TARGET_SCHEDULES if s != AUTO],
            "Mode speed_target: where the model runs. planned = the target's model calls are placed before the "
            "run from the sampler's sigmas; adaptive = the steered threshold places them from the errors it "

@@ -31,9 +31,9 @@ class SpeculativeCacheSimple(io.ComfyNode):
                 "steps are forecast from the last computed ones, and the forecasts are checked (forecast, "
                 "then verify): by default each computed step measures how far the forecasts had drifted "
                 "and sets how many may follow (lookback); mode probe checks each forecast against one real "
-                "block before it is used (SpeCa). One slider: 0 = off "
-                "(identical picture), higher = faster. Advanced settings: plug a Speculative Cache "
-                "Options node into 'options'."),
+                "block before it is used (SpeCa); speed_target aims for a speed-up. speed 0 = off "
+                "(identical picture), higher = faster; start/end limit forecasting to part of the "
+                "schedule. Advanced settings: plug a Speculative Cache Options node into 'options'."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to accelerate."),
                 io.Combo.Input(

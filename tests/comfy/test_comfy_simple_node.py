@@ -65,9 +65,14 @@ def test_main_node_has_six_inputs_and_a_slider_that_does_something_everywhere(sp
     required = opt["input"]["required"]
     assert set(required) == set(inputs_mod.OPTION_DEFAULTS)
     assert all(spec[1].get("tooltip") for spec in required.values())
-    assert all(spec[1]["default"] in ("auto", -1, 0, 0.0) for spec in required.values()), required
+    assert all(spec[1]["default"] in ("auto", -1, 0, 1.0) for spec in required.values()), required
     # an Options node left at auto sets nothing
     assert options(spec_nodes, **{k: spec[1]["default"] for k, spec in required.items()}) == {}
+    # every value a number input offers is one the node accepts (target_speedup: 1 = from the slider)
+    target = required["target_speedup"][1]
+    assert (target["min"], target["max"]) == (1.0, 20.0)
+    assert options(spec_nodes, target_speedup=1.0) == {} and options(spec_nodes, target_speedup=1.1) == {
+        "target_speedup": 1.1}
 
 
 def test_probe_defaults_are_the_legacy_nodes_defaults_and_auto_looks_back(spec_nodes, flux, inputs_mod, family):

@@ -25,7 +25,7 @@ def _playwright():
     except ImportError:
         pytest.skip("Playwright (python package) not installed: pip install playwright")
     if CHROMIUM is None:
-        pytest.skip("Chromium not found: apt-get install chromium (see README, 'Tests')")
+        pytest.skip("Chromium not found: apt-get install chromium (see docs/development.md)")
     return sync_playwright
 
 

@@ -1,0 +1,49 @@
+"""The README is for a newcomer (short), and every link in the README, the changelog and the docs
+resolves to a file of the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from devkit.comfy_env import PACK_ROOT
+
+DOCS = [PACK_ROOT / "README.md", PACK_ROOT / "CHANGELOG.md", *sorted((PACK_ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readme_reads_in_five_minutes():
+    lines = (PACK_ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, len(lines)
+    assert lines[0].startswith("# ") and "![" in "\n".join(lines[:12]), "a title and a picture on the first screen"
+
+
+def test_every_link_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in LINK.findall(doc.read_text()):
+            if re.match(r"(https?:|mailto:|#)", target):
+                continue
+            path = (doc.parent / target.split("#")[0]).resolve()
+            if not path.exists() or PACK_ROOT not in path.parents and path != PACK_ROOT:
+                broken.append(f"{doc.relative_to(PACK_ROOT)}: {target}")
+    assert not broken, broken
+
+
+def test_every_workflow_has_a_valid_id_or_none():
+    """The frontend's workflow schema allows a UUID as the top-level id, or none."""
+    import json
+    import uuid
+    for path in sorted((PACK_ROOT / "workflows").glob("*.json")):
+        graph = json.loads(path.read_text())
+        if "id" in graph:
+            assert isinstance(graph["id"], str) and str(uuid.UUID(graph["id"])) == graph["id"].lower(), path.name
+
+
+def test_the_settings_path_the_readme_names_is_the_frontends():
+    js = (PACK_ROOT / "web" / "js" / "speculative_cache.js").read_text()
+    category = re.search(r"category: \[([^\]]*)\]", js).group(1)
+    name = re.search(r'\bname: "([^"]+)"', js[js.index("category:"):]).group(1)
+    groups = [c.strip().strip('"') for c in category.split(",")][:2]
+    path = " → ".join(["Settings", *groups, name])
+    assert path in (PACK_ROOT / "README.md").read_text(), path
