@@ -47,3 +47,18 @@ def test_the_settings_path_the_readme_names_is_the_frontends():
     groups = [c.strip().strip('"') for c in category.split(",")][:2]
     path = " → ".join(["Settings", *groups, name])
     assert path in (PACK_ROOT / "README.md").read_text(), path
+
+
+def test_the_readme_screenshot_is_no_older_than_the_panel_code():
+    """web/screenshot.png is the browser test's picture of a real run (test-artifacts/
+    node_after_run.png, copied when the panel changes): its last commit is not older than the
+    panel code's."""
+    import subprocess
+
+    def committed(path):
+        out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path], cwd=PACK_ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return int(out) if out else None
+    js, png = committed("web/js/speculative_cache.js"), committed("web/screenshot.png")
+    assert js is not None and png is not None and png >= js, (png, js)
+    assert "web/screenshot.png" in (PACK_ROOT / "README.md").read_text()

@@ -107,7 +107,12 @@ def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
     assert "checked" in text and "x" in text and "MB" in text and "saved" in text
     # euler: the computed steps after forecasts corrected the path the forecasts took
     assert "corrected" in text
-    # the chart: one dot per check, green under the tolerance / orange over, under a threshold line
+    # the chart: one mark per check (square under the tolerance, cross over), a dashed tolerance line,
+    # labelled axes and a legend
+    assert page.text_content(".speculative-cache-axis-y") == "error (log)"
+    assert "steps" in page.text_content(".speculative-cache-axis-x")
+    legend = page.text_content(".speculative-cache-legend")
+    assert "under tolerance" in legend and "over" in legend and page.is_visible(".speculative-cache-legend")
     dots = page.locator(".speculative-cache-chart .speculative-cache-error")
     assert dots.count() > 0 and page.locator(".speculative-cache-chart .speculative-cache-threshold").count() == 1
     assert page.locator(".speculative-cache-chart .accepted").count() > 0
@@ -130,6 +135,23 @@ def test_a_run_shows_summary_timeline_and_error_chart_on_the_node(page):
                           "width": box["w"] + 20, "height": box["h"] + 20})
     page.screenshot(path=str(ARTIFACTS / "graph_after_run.png"))
     assert our_errors(page) == []
+
+
+def test_the_summary_says_what_each_mode_did(page):
+    """The panel's summary, from the pack's own module in the browser: lookback counts the checks
+    and corrections, the probe what it verified and rejected, a target what was asked and reached."""
+    texts = page.evaluate("""async () => {
+        const m = await import('/extensions/speculative-cache/speculative_cache.js');
+        const base = {steps: 28, computed: 11, timeline: 'C'.repeat(28), final: true, speedup: 2.5,
+                      saved_seconds: 41, cache_bytes: 300000};
+        return [m.summaryText({...base, acceptance: 'lookback', looked_back: 10, corrected: 8}),
+                m.summaryText({...base, acceptance: 'probe', verified: 17, rejected: 2}),
+                m.summaryText({...base, acceptance: 'lookback', looked_back: 6, target_speedup: 4,
+                               target_schedule: 'planned'})]; }""")
+    lookback, probe, target = texts
+    assert "11/28 computed" in lookback and "10 checked, 8 corrected" in lookback and "2.5x" in lookback
+    assert "17 verified, 2 rejected" in probe
+    assert "asked 4.0x planned, reached 2.5x" in target
 
 
 def area_bottom(page):

@@ -17,7 +17,16 @@ const SVG = "http://www.w3.org/2000/svg";
 const EVENT = "speculative_cache.stats";
 const SETTING = "SpeculativeCache.ShowStats";
 const WIDGET = "speculative_cache_stats";
-const COLORS = { C: "#5b7db8", F: "#3fa34d", R: "#d9822b", ".": "#3a3a3a" };
+// Okabe-Ito colours (told apart with any colour vision), each with a second cue: a forecast cell is
+// lower than a computed one, a rejected one is hatched; in the chart a check under its tolerance is
+// a square, one over it a cross, and the tolerance a dashed line.
+const COLORS = { C: "#0072B2", F: "#009E73", R: "#D55E00", ".": "#3a3a3a" };
+const CELL_STYLE = {
+  C: "height:100%;",
+  F: "height:60%;",
+  R: "height:100%;background-image:repeating-linear-gradient(45deg,rgba(0,0,0,.45) 0 2px,transparent 2px 4px);",
+  ".": "height:100%;",
+};
 const TITLES = { C: "computed", F: "forecast (accepted)", R: "forecast rejected", ".": "not reached" };
 
 function showStats() {
@@ -46,15 +55,21 @@ export function summaryText(s) {
   const done = (s.timeline ?? "").replace(/\./g, "").length;
   const head = s.final ? `${s.computed}/${steps} computed` : `step ${done}/${steps} · ${s.computed} computed`;
   const speed = Number.isFinite(s.speedup) ? `${Number(s.speedup).toFixed(1)}x` : "-";
-  // a planned target placed its model calls before the run (from 4x on)
-  const how = s.target_schedule === "planned" ? ", planned" : "";
-  const target = s.target_speedup ? ` (target ${Number(s.target_speedup).toFixed(1)}x${how})` : "";
+  // a speed target: what was asked and what the run reached (a planned one placed its model calls
+  // before the run, from 4x on)
+  const how = s.target_schedule === "planned" ? " planned" : "";
+  const pace = s.target_speedup
+    ? `asked ${Number(s.target_speedup).toFixed(1)}x${how}, ${s.final ? "reached" : "so far"} ${speed}`
+    : speed;
   const saved = `≈ ${formatSeconds(Number(s.saved_seconds))} saved`;
-  // lookback checks each forecast run at the computed step that ends it; the probe rejects forecasts
-  let checks = s.acceptance === "lookback" ? `${s.looked_back ?? 0} checked` : `${s.rejected} rejected`;
+  // lookback checks each run of forecasts at the computed step that ends it; the probe verifies
+  // each forecast with a real block and rejects those that fail
+  let checks = s.acceptance === "lookback"
+    ? `${s.looked_back ?? 0} checked`
+    : `${s.verified ?? 0} verified, ${s.rejected ?? 0} rejected`;
   // computed steps whose update also corrected the path the forecasts took (Euler samplers)
   if (s.corrected) checks += `, ${s.corrected} corrected`;
-  return `${head} · ${checks} · ${speed}${target} · ${saved} · ${formatBytes(s.cache_bytes)}`;
+  return `${head} · ${checks} · ${pace} · ${saved} · ${formatBytes(s.cache_bytes)}`;
 }
 
 // The chart's geometry: x = evaluation, y = log10 of the error (dots) and of the threshold
@@ -90,22 +105,36 @@ function makePanel() {
   chart.setAttribute("class", "speculative-cache-chart");
   chart.setAttribute("viewBox", "0 0 100 30");
   chart.setAttribute("preserveAspectRatio", "none");
-  chart.style.cssText = "width:100%;height:30px;min-height:30px;background:rgba(0,0,0,0.15);";
+  chart.style.cssText = "flex:1;height:52px;min-height:52px;background:rgba(0,0,0,0.15);";
   const title = document.createElementNS(SVG, "title");
-  title.textContent = "Verification error of each checked forecast (dots: green accepted, orange rejected) " +
-    "against its threshold (line), log scale";
   chart.append(title);
-  root.append(text, strip, chart);
+  // the axes: error (log scale) up, the sampling steps along
+  const yLabel = document.createElement("div");
+  yLabel.className = "speculative-cache-axis-y";
+  yLabel.textContent = "error (log)";
+  yLabel.style.cssText = "writing-mode:vertical-rl;transform:rotate(180deg);font-size:10px;opacity:.8;text-align:center;";
+  const plot = document.createElement("div");
+  plot.style.cssText = "display:flex;gap:2px;align-items:stretch;";
+  plot.append(yLabel, chart);
+  const legend = document.createElement("div");
+  legend.className = "speculative-cache-legend";
+  legend.style.cssText = "display:flex;justify-content:space-between;font-size:10px;opacity:.9;";
+  legend.innerHTML =
+    `<span class="speculative-cache-axis-x">steps →</span>` +
+    `<span><span style="color:${COLORS.F}">■</span> under tolerance ` +
+    `<span style="color:${COLORS.R}">✕</span> over ` +
+    `<span style="color:#bbb">┄</span> tolerance</span>`;
+  root.append(text, strip, plot, legend);
   return { root, text, strip, chart, title };
 }
 
 function renderChart(panel, stats) {
   const points = chartPoints(stats);
   panel.title.textContent = stats.acceptance === "lookback"
-    ? "Error of the output forecast, measured at each computed step (dots: green under the tolerance, orange " +
-      "over) against the tolerance (line), log scale"
-    : "Verification error of each checked forecast (dots: green accepted, orange rejected) against its " +
-      "threshold (line), log scale";
+    ? "Error of the output forecast, measured at each computed step (square: under the tolerance, cross: " +
+      "over) against the tolerance (dashed line), log scale"
+    : "Verification error of each checked forecast (square: accepted, cross: rejected) against its " +
+      "threshold (dashed line), log scale";
   panel.chart.replaceChildren(panel.title);
   if (!points) return;
   const line = document.createElementNS(SVG, "polyline");
@@ -113,17 +142,29 @@ function renderChart(panel, stats) {
   line.setAttribute("points", points.line);
   line.setAttribute("fill", "none");
   line.setAttribute("stroke", "#bbbbbb");
-  line.setAttribute("stroke-width", "0.6");
+  line.setAttribute("stroke-width", "1");
+  line.setAttribute("stroke-dasharray", "3 2");
   line.setAttribute("vector-effect", "non-scaling-stroke");
   panel.chart.append(line);
   for (const p of points.dots) {
-    const dot = document.createElementNS(SVG, "rect");
+    let dot;
+    if (p.accepted) {
+      dot = document.createElementNS(SVG, "rect");
+      dot.setAttribute("x", (p.x - 0.8).toFixed(2));
+      dot.setAttribute("y", (p.y - 2).toFixed(2));
+      dot.setAttribute("width", "1.6");
+      dot.setAttribute("height", "4");
+      dot.setAttribute("fill", COLORS.F);
+    } else {
+      // a cross: two strokes that keep their width however the chart is stretched
+      dot = document.createElementNS(SVG, "path");
+      const [x0, x1, y0, y1] = [p.x - 1, p.x + 1, p.y - 2.5, p.y + 2.5].map((v) => v.toFixed(2));
+      dot.setAttribute("d", `M${x0},${y0}L${x1},${y1}M${x0},${y1}L${x1},${y0}`);
+      dot.setAttribute("stroke", COLORS.R);
+      dot.setAttribute("stroke-width", "1.6");
+      dot.setAttribute("vector-effect", "non-scaling-stroke");
+    }
     dot.setAttribute("class", `speculative-cache-error ${p.accepted ? "accepted" : "rejected"}`);
-    dot.setAttribute("x", (p.x - 0.8).toFixed(2));
-    dot.setAttribute("y", (p.y - 2).toFixed(2));
-    dot.setAttribute("width", "1.6");
-    dot.setAttribute("height", "4");
-    dot.setAttribute("fill", p.accepted ? COLORS.F : COLORS.R);
     const tip = document.createElementNS(SVG, "title");
     tip.textContent = `evaluation ${p.eval + 1}: error ${p.error.toPrecision(3)} vs threshold ${p.threshold.toPrecision(3)}`;
     dot.append(tip);
@@ -139,7 +180,8 @@ function render(panel, stats) {
     ...Array.from(timeline).map((letter, i) => {
       const cell = document.createElement("div");
       cell.className = `speculative-cache-cell speculative-cache-${letter === "." ? "pending" : letter}`;
-      cell.style.cssText = `flex:1;min-width:1px;background:${COLORS[letter] ?? COLORS["."]};`;
+      cell.style.cssText = `flex:1;min-width:1px;align-self:flex-end;background-color:${COLORS[letter] ?? COLORS["."]};` +
+        (CELL_STYLE[letter] ?? CELL_STYLE["."]);
       cell.title = `step ${i + 1}: ${TITLES[letter] ?? letter}`;
       return cell;
     })
@@ -155,8 +197,8 @@ function attachPanel(node) {
     hideOnZoom: false,
     // the frontend keeps a 10 px margin above and below a DOM widget; room for a summary that
     // wraps to two lines on a narrow node
-    getMinHeight: () => 106,
-    getMaxHeight: () => 106,
+    getMinHeight: () => 150,
+    getMaxHeight: () => 150,
   });
   if (widget) widget.serialize = false;
   node.speculativeCachePanel = panel;
