@@ -14,7 +14,7 @@ pytestmark = pytest.mark.comfy
 
 WORKFLOWS = sorted((comfy_env.PACK_ROOT / "workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-OUR_NODES = {"SpeculativeCacheSimple", "SpeculativeCacheEditRegion"}
+OUR_NODES = {"SpeculativeCacheSimple", "SpeculativeCacheEditRegion", "SpeculativeCacheTokenPruning"}
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +90,20 @@ def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
     import devkit.tiny_models as tm
     defaults = {"SpeculativeCacheSimple": {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0},
                 "SpeculativeCacheEditRegion": {"margin": 2, "refresh_interval": 3, "final_refresh_steps": 1,
-                                               "context": "linear"}}
+                                               "context": "linear"},
+                "SpeculativeCacheTokenPruning": {"ratio": 0.5, "refresh_interval": 3, "layers": "self-attention"}}
+    family = {"SpeculativeCacheTokenPruning": "sd15"}
     for sc in (n for n in wf["nodes"] if n["type"] in OUR_NODES):
         node_class = getattr(spec_nodes, sc["type"])
         widgets, _ = _widget_inputs(node_class)
         settings = dict(zip(widgets, sc["widgets_values"]))
         assert settings == defaults[sc["type"]]
         assert {i.id: i.default for i in node_class.GET_SCHEMA().inputs if i.id in settings} == settings
-        out = node_class.execute(tm.build("flux"), **settings)
+        model = tm.build(family.get(sc["type"], "flux"))
+        out = node_class.execute(model, **settings)
         assert out.result[0] is not None
+        if sc["type"] == "SpeculativeCacheTokenPruning":
+            assert out.result[0] is not model            # the U-Net got the pruning patches
 
 
 def test_comparison_workflow_samples_the_same_seed_with_and_without_the_cache():

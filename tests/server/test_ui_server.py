@@ -143,7 +143,8 @@ def test_every_node_and_input_of_a_template_exists_on_the_server(server, name):
     values as the node has widgets (combos, numbers, strings, a seed's control widget)."""
     info = server.get("/object_info")
     wf = server.get(f"/api/workflow_templates/speculative-cache/{name}.json")
-    assert any(n["type"] in ("SpeculativeCacheSimple", "SpeculativeCacheEditRegion") for n in wf["nodes"])
+    assert any(n["type"] in ("SpeculativeCacheSimple", "SpeculativeCacheEditRegion", "SpeculativeCacheTokenPruning")
+               for n in wf["nodes"])
     for node in wf["nodes"]:
         assert node["type"] in info, f"{name}: no node type {node['type']} on this ComfyUI"
         spec = info[node["type"]]["input"]
