@@ -104,7 +104,11 @@ class Feature:
                 with guard.run_state(guider, {self.run_key: run, **run.published()}):
                     return executor(*args, **kwargs)
             finally:
-                run.finish()
+                try:
+                    run.finish()
+                except Exception:
+                    # the user's sampling has its result (or its own error): never replace it with ours
+                    log.exception("%s: could not finish the run cleanly", self.title)
         return outer_sample
 
     def tell(self, node_id, stats: dict, final: bool) -> None:
