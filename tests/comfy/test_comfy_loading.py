@@ -83,11 +83,17 @@ def test_example_workflow_matches_comfyui_nodes(comfy_nodes, path):
         assert downstream in ({"KSampler"}, {"KSamplerAdvanced"})
 
 
+# Workflows that set the nodes' inputs on purpose; every other one keeps each node at its defaults.
+SET_ON_PURPOSE = {"flux_dev_draft_and_final_with_options"}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
-    """The Speculative Cache widget values in the workflow build a working config."""
+    """The Speculative Cache widget values in the workflow (and those of the Options node feeding
+    it) build a working config."""
     wf = json.loads(path.read_text())
     import devkit.tiny_models as tm
+    by_id = {n["id"]: n for n in wf["nodes"]}
     defaults = {"SpeculativeCacheSimple": {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0},
                 "SpeculativeCacheEditRegion": {"margin": 2, "refresh_interval": 3, "final_refresh_steps": 1,
                                                "context": "linear"},
@@ -97,13 +103,34 @@ def test_workflow_settings_are_valid_node_settings(spec_nodes, path):
         node_class = getattr(spec_nodes, sc["type"])
         widgets, _ = _widget_inputs(node_class)
         settings = dict(zip(widgets, sc["widgets_values"]))
-        assert settings == defaults[sc["type"]]
-        assert {i.id: i.default for i in node_class.GET_SCHEMA().inputs if i.id in settings} == settings
+        assert set(settings) == set(defaults[sc["type"]])
+        if path.stem not in SET_ON_PURPOSE:
+            assert settings == defaults[sc["type"]]
+            assert {i.id: i.default for i in node_class.GET_SCHEMA().inputs if i.id in settings} == settings
+        options = None
+        link = next((i["link"] for i in sc["inputs"] if i["name"] == "options" and i["link"] is not None), None)
+        if link is not None:
+            src = by_id[next(s for lid, s, _, _, _, _ in wf["links"] if lid == link)]
+            option_widgets, _ = _widget_inputs(getattr(spec_nodes, "SpeculativeCacheOptions"))
+            options = spec_nodes.SpeculativeCacheOptions.execute(
+                **dict(zip(option_widgets, src["widgets_values"], strict=True))).result[0]
+            assert options, f"{path.name}: an Options node that sets nothing"
         model = tm.build(family.get(sc["type"], "flux"))
-        out = node_class.execute(model, **settings)
+        out = node_class.execute(model, **settings, **({"options": options} if options else {}))
         assert out.result[0] is not None
         if sc["type"] == "SpeculativeCacheTokenPruning":
             assert out.result[0] is not model            # the U-Net got the pruning patches
+
+
+def test_the_draft_and_final_workflow_sets_what_it_says(spec_nodes):
+    """Its draft asks the Options node for a planned 6x target; its final keeps lookback with a longer
+    warm-up and end."""
+    wf = json.loads((comfy_env.PACK_ROOT / "workflows" / "flux_dev_draft_and_final_with_options.json").read_text())
+    option_widgets, _ = _widget_inputs(spec_nodes.SpeculativeCacheOptions)
+    chosen = {n["title"]: spec_nodes.SpeculativeCacheOptions.execute(
+        **dict(zip(option_widgets, n["widgets_values"], strict=True))).result[0]
+        for n in wf["nodes"] if n["type"] == "SpeculativeCacheAdvancedOptions"}
+    assert sorted(chosen.values(), key=len) == [{"target_speedup": 6.0}, {"warmup_steps": 4, "final_full_steps": 2}]
 
 
 def test_comparison_workflow_samples_the_same_seed_with_and_without_the_cache():

@@ -172,7 +172,7 @@ def test_setting_hides_the_stats(page):
 @pytest.mark.parametrize("name", ["flux_dev_text_to_image", "hunyuan_video_text_to_video",
                                   "wan22_text_to_video_two_experts", "qwen_image_text_to_image",
                                   "flux_dev_compare_with_and_without_cache", "flux_fill_inpainting_edit_region",
-                                  "sd15_token_pruning"])
+                                  "sd15_token_pruning", "flux_dev_draft_and_final_with_options"])
 def test_example_workflows_load_from_the_template_route(page, name):
     before = len(page.errors)
     n_nodes = page.evaluate(f"""async () => {{
@@ -182,7 +182,7 @@ def test_example_workflows_load_from_the_template_route(page, name):
                 app.graph._nodes.filter(n => n.type === 'SpeculativeCacheSimple').length,
                 app.graph._nodes.filter(n => n.type === 'SpeculativeCacheEditRegion').length]; }}""")
     expected = {"wan22_text_to_video_two_experts": (2, 0), "flux_fill_inpainting_edit_region": (0, 1),
-                "sd15_token_pruning": (0, 0)}.get(name, (1, 0))
+                "sd15_token_pruning": (0, 0), "flux_dev_draft_and_final_with_options": (2, 0)}.get(name, (1, 0))
     assert n_nodes[0] == n_nodes[1] and tuple(n_nodes[2:]) == expected
     new_errors = [e for e in page.errors[before:] if "speculative" in e.lower()]
     assert new_errors == []
