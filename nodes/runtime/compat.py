@@ -34,6 +34,8 @@ NAMES = [
     ("comfy.ldm.flux.model", "Flux"),
     ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"),
     ("comfy.ldm.chroma.model", "Chroma"),
+    ("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"),
+    ("comfy.model_sampling", "CONST"),
     ("comfy_api.latest", "ComfyExtension"),
     ("comfy_api.latest", "io.ComfyNode"),
     ("comfy_api.latest", "io.Schema"),
