@@ -121,20 +121,11 @@ def read_config(name: str = "reference") -> dict:
 
 def build_comfy_model(state_dict=None, name: str = "reference"):
     """A ModelPatcher around comfy.model_base.Flux built by comfy.supported_models.Flux."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
-    from .tiny_models import complete_unet_config
+    from .tiny_models import complete_unet_config, load_into
     cfg = sm.Flux(complete_unet_config(MODELS[name]["unet"]))
     cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, device=torch.device("cpu"))
-    if state_dict is not None:
-        # ComfyUI's own conversion of the file's names to its class's (0.29 renamed the RMSNorm
-        # parameter of its Flux class from .scale to .weight and converts FLUX checkpoints here)
-        model.diffusion_model.load_state_dict(cfg.process_unet_state_dict(dict(state_dict)), strict=True)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return load_into(cfg, state_dict)
 
 
 def load_reference(name: str = "reference"):

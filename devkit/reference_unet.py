@@ -41,18 +41,12 @@ UNET_CONFIG = dict(context_dim=32, model_channels=64, use_linear_in_transformer=
 
 
 def build(state_dict=None):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
+    from .tiny_models import load_into
     cfg = sm.SD15(dict(UNET_CONFIG))
     cfg.unet_config.update(num_heads=4, num_head_channels=-1)
     cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, device=torch.device("cpu"))
-    if state_dict is not None:
-        model.diffusion_model.load_state_dict(cfg.process_unet_state_dict(dict(state_dict)), strict=True)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return load_into(cfg, state_dict)
 
 
 def load():

@@ -201,8 +201,6 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
     """A ModelPatcher around ComfyUI's own model class at tiny size, weights N(0, 0.02).
     ``weight_dtype`` (e.g. torch.float8_e4m3fn): weights stored in that type and cast to
     float32 on the fly, as ComfyUI's UNETLoader does with its weight_dtype input."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     spec = CONFIGS[name]
@@ -226,9 +224,26 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
         for b in model.diffusion_model.buffers():
             if b.is_floating_point():
                 b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+    return patcher(model)
+
+
+def patcher(model):
+    """A ModelPatcher around a BaseModel built on the CPU, in eval mode."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def load_into(cfg, state_dict=None):
+    """A ModelPatcher around ``cfg``'s model (a ComfyUI model config) with ``state_dict`` loaded
+    through ComfyUI's own conversion of a checkpoint's names to its class's (0.29 renamed the
+    RMSNorm parameter of its Flux class from .scale to .weight and converts FLUX checkpoints there)."""
+    model = cfg.get_model({}, device=torch.device("cpu"))
+    if state_dict is not None:
+        model.diffusion_model.load_state_dict(cfg.process_unet_state_dict(dict(state_dict)), strict=True)
+    return patcher(model)
 
 
 def conditioning(name: str, seed: int = 1, tokens: int = 8):
