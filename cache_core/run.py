@@ -286,7 +286,8 @@ class Chunk:
         """Store full-chunk features computed at this evaluation's time."""
         per_stream = {n: self.split(v) for n, v in features.items()}
         for i, s in enumerate(self.streams()):
-            s.update(self.run.time, {n: parts[i] for n, parts in per_stream.items()})
+            if s.update(self.run.time, {n: parts[i] for n, parts in per_stream.items()}):
+                self.run.stats.shape_changes += 1
         b = self.run.cache_bytes()
         self.run.stats.peak_cache_bytes = max(self.run.stats.peak_cache_bytes, b)
 

@@ -59,18 +59,24 @@ class StreamCache:
                 return False
         return True
 
-    def update(self, t: float, features: dict[str, torch.Tensor]) -> None:
+    def update(self, t: float, features: dict[str, torch.Tensor]) -> bool:
+        """Add the features computed at ``t``. True when a feature's shape, dtype or device
+        changed and the history was dropped first (e.g. ComfyUI's FluxKVCache drops the
+        reference-image tokens from the second step on)."""
+        dropped = False
         for name, value in features.items():
             sig = tensor_signature(value)
             if name in self.signatures and self.signatures[name] != sig:
                 self.reset()
                 self.resets += 1
+                dropped = True
                 break
         for name, value in features.items():
             if name not in self.forecasters:
                 self.forecasters[name] = self._make()
                 self.signatures[name] = tensor_signature(value)
             self.forecasters[name].update(t, value)
+        return dropped
 
     def predict(self, t: float, names) -> dict[str, torch.Tensor]:
         return {name: self.forecasters[name].predict(t) for name in names}

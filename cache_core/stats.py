@@ -38,6 +38,7 @@ class RunStats:
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
     estimated_cache_bytes: int = 0  # the cache estimate made before the run (0: none)
     weight_changes: int = 0     # stream histories dropped because the model's weights changed mid-run
+    shape_changes: int = 0      # stream histories dropped because a feature's shape changed mid-run
     serve_output: bool = False  # accepted forecast steps served the output forecast (not the stages')
     output_space: str = "model"  # the space of the output forecast: "model" or "noise"
     # SpecDiff token tiers: image tokens (per double block, row and forecast step) per tier
@@ -106,7 +107,7 @@ class RunStats:
             "cond_only_steps": list(self.cond_only_steps),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "saved_seconds": round(self.saved_seconds, 3),
-            "weight_changes": self.weight_changes,
+            "weight_changes": self.weight_changes, "shape_changes": self.shape_changes,
             "serve_output": self.serve_output, "output_space": self.output_space,
             "token_tiers": {"computed": self.tokens_computed, "forecast": self.tokens_forecast,
                             "reused": self.tokens_reused},

@@ -4,7 +4,7 @@
 ``$COMFYUI_ARCHIVE``, or the one ComfyUI found, or the archives in ``../shared/comfyui``)
 and install each one's Python requirements into the current environment. It redoes a
 ComfyUI's part whenever that ComfyUI (its folder or its requirements) changes. Exact pins
-that differ between versions (the frontend package) go into a per-version folder put
+that differ between versions (the frontend, its templates and docs packages) go into a per-version folder put
 first on ``PYTHONPATH`` when that version's tests run.
 
 ``test``: the whole suite on the first ComfyUI, then the ComfyUI tests (``-m comfy``) on
@@ -30,9 +30,12 @@ import comfy_env  # noqa: E402
 
 REPO = "https://github.com/comfyanonymous/ComfyUI"
 SKIP = {"torch", "torchvision", "torchaudio"}
-# ComfyUI's frontend data packages are pinned exactly and differ between versions; the
-# other pins (templates, docs) are optional for ComfyUI and are installed only once.
-PER_VERSION = {"comfyui-frontend-package"}
+# ComfyUI's frontend and its data packages (workflow templates, embedded node docs) are pinned
+# exactly and differ between versions; a frontend that finds older ones than its ComfyUI asks for
+# puts up warnings over the canvas (frontend 1.47 on ComfyUI 0.29). Each version gets its own, in
+# its overlay folder, with their own dependencies (the templates package is split into data
+# packages from 0.8 on; they depend only on each other).
+PER_VERSION = {"comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs"}
 
 
 def say(msg: str) -> None:
@@ -102,7 +105,7 @@ def requirements(path: Path) -> list[str]:
 
 def setup_one(path: Path, first: bool) -> None:
     reqs = requirements(path)
-    stamp_key = hashlib.sha1(json.dumps([str(path), reqs, first]).encode()).hexdigest()[:16]
+    stamp_key = hashlib.sha1(json.dumps([str(path), reqs, first, sorted(PER_VERSION)]).encode()).hexdigest()[:16]
     stamp = Path(sys.prefix) / f".comfyui-{stamp_key}"
     overlay = overlay_dir(path)
     if stamp.is_file():
@@ -114,8 +117,6 @@ def setup_one(path: Path, first: bool) -> None:
         name, pinned = _name(r), "==" in r
         if not first and name in PER_VERSION and pinned and _installed(name) not in (None, r.split("==", 1)[1].strip()):
             separate.append(r)
-        elif not first and pinned and _installed(name) is not None:
-            continue  # an optional data package pinned by another version: keep the one installed
         else:
             common.append(r)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *common], check=True)
@@ -123,8 +124,8 @@ def setup_one(path: Path, first: bool) -> None:
         shutil.rmtree(overlay)
     if separate:
         say(f"  version-specific packages for this ComfyUI: {' '.join(separate)} (in {overlay})")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(overlay),
-                        *separate], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(overlay), *separate],
+                       check=True)
     stamp.write_text(str(path))
 
 

@@ -197,14 +197,15 @@ def available(name: str) -> bool:
 
 
 def build(name: str, seed: int = 0, depth: int | None = None, single: int | None = None,
-          weight_dtype: torch.dtype | None = None):
+          weight_dtype: torch.dtype | None = None, **unet_overrides):
     """A ModelPatcher around ComfyUI's own model class at tiny size, weights N(0, 0.02).
+    ``unet_overrides`` change entries of the family's config (e.g. ``guidance_embed=False``).
     ``weight_dtype`` (e.g. torch.float8_e4m3fn): weights stored in that type and cast to
     float32 on the fly, as ComfyUI's UNETLoader does with its weight_dtype input."""
     import comfy.supported_models as sm
 
     spec = CONFIGS[name]
-    unet = dict(spec["unet"])
+    unet = dict(spec["unet"], **unet_overrides)
     if depth is not None:
         unet["depth"] = depth
     if single is not None:

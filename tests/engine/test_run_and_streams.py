@@ -11,14 +11,27 @@ from engine_helpers import simulate
 
 def test_stream_resets_on_shape_dtype_change(core):
     s = core.StreamCache(lambda: core.TaylorForecaster(2))
-    s.update(1.0, {"a": torch.ones(2, 3)})
-    s.update(0.8, {"a": torch.ones(2, 3)})
+    assert s.update(1.0, {"a": torch.ones(2, 3)}) is False
+    assert s.update(0.8, {"a": torch.ones(2, 3)}) is False
     assert s.forecasters["a"].points == 2
-    s.update(0.6, {"a": torch.ones(4, 3)})  # new resolution
+    assert s.update(0.6, {"a": torch.ones(4, 3)}) is True  # new resolution: history dropped, said so
     assert s.resets == 1 and s.forecasters["a"].points == 1
     s.update(0.5, {"a": torch.ones(4, 3, dtype=torch.float64)})
     assert s.resets == 2
     assert not s.can_predict(["a"], {"a": core.tensor_signature(torch.ones(5, 3))})
+
+
+def test_a_token_count_change_is_counted_in_the_runs_stats(core):
+    """ComfyUI's FluxKVCache drops the reference tokens after the first step: the chunk that
+    records the shorter features drops each stream's history once and the stats count it."""
+    run = core.SpeculativeRun(core.CacheConfig(order=1), 10)
+    for step, tokens in enumerate((12, 8, 8)):
+        run.begin_evaluation(1.0 - 0.1 * step, step)
+        c = run.chunk(["uncond", "cond"], 2, 1)
+        c.record({"img": torch.ones(2, tokens, 4) * step})
+        c.finish("C")
+    assert run.stats.shape_changes == 2 and run.stats.to_dict()["shape_changes"] == 2
+    assert all(s.forecasters["img"].points == 2 for s in run.streams.values())
 
 
 def test_chunk_keeps_streams_apart_when_batch_order_changes(core):

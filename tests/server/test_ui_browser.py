@@ -186,23 +186,55 @@ def test_setting_hides_the_stats(page):
     assert page.is_visible(".speculative-cache-stats")
 
 
+TOASTS = "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.textContent.trim())"
+
+
+def load_and_collect_alerts(page, workflow_js: str):
+    """Load a workflow the way the frontend does for a dropped file (``loadGraphData``, which
+    validates it against the frontend's workflow schema when Comfy.Validation.Workflows is on)
+    and return what it put up: every toast that was not on screen before, and console errors."""
+    before_toasts = set(page.evaluate(TOASTS))
+    before_errors = len(page.errors)
+    counts = page.evaluate(f"""async () => {{
+        const wf = await ({workflow_js}); await app.loadGraphData(wf);
+        return [wf.nodes.length, app.graph._nodes.length,
+                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheSimple').length,
+                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheEditRegion').length]; }}""")
+    page.wait_for_timeout(400)
+    toasts = [t for t in page.evaluate(TOASTS) if t not in before_toasts]
+    return counts, toasts, page.errors[before_errors:]
+
+
+def test_the_frontend_validates_workflows_and_reports_a_bad_one(page):
+    """The control for the test below: the frontend's workflow validation is on, and a workflow
+    outside its schema (a top-level id that is not a UUID) shows an alert this test sees."""
+    assert page.evaluate("() => app.extensionManager.setting.get('Comfy.Validation.Workflows')") is True
+    _, toasts, _ = load_and_collect_alerts(page, """fetch('/api/workflow_templates/speculative-cache/flux_dev_text_to_image.json')
+        .then(r => r.json()).then(wf => ({...wf, id: 12345}))""")
+    assert any("workflow" in t.lower() for t in toasts), toasts
+    for _ in range(20):                 # close the alerts, so the next test starts with none
+        if page.evaluate("""() => { const b = document.querySelector('.p-toast-message .p-toast-close-button');
+                                    if (b) b.click(); return !!b; }"""):
+            page.wait_for_timeout(250)
+        else:
+            break
+    assert page.evaluate(TOASTS) == []
+
+
 @pytest.mark.parametrize("name", ["flux_dev_text_to_image", "hunyuan_video_text_to_video",
                                   "wan22_text_to_video_two_experts", "qwen_image_text_to_image",
                                   "flux_dev_compare_with_and_without_cache", "flux_fill_inpainting_edit_region",
                                   "sd15_token_pruning", "flux_dev_draft_and_final_with_options"])
 def test_example_workflows_load_from_the_template_route(page, name):
-    before = len(page.errors)
-    n_nodes = page.evaluate(f"""async () => {{
-        const r = await fetch('/api/workflow_templates/speculative-cache/{name}.json');
-        const wf = await r.json(); await app.loadGraphData(wf);
-        return [wf.nodes.length, app.graph._nodes.length,
-                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheSimple').length,
-                app.graph._nodes.filter(n => n.type === 'SpeculativeCacheEditRegion').length]; }}""")
+    """Each shipped workflow loads from the template route with every node, no alert of any kind
+    (schema validation, link repair, missing node) and no console error."""
+    n_nodes, toasts, errors = load_and_collect_alerts(
+        page, f"fetch('/api/workflow_templates/speculative-cache/{name}.json').then(r => r.json())")
     expected = {"wan22_text_to_video_two_experts": (2, 0), "flux_fill_inpainting_edit_region": (0, 1),
                 "sd15_token_pruning": (0, 0), "flux_dev_draft_and_final_with_options": (2, 0)}.get(name, (1, 0))
     assert n_nodes[0] == n_nodes[1] and tuple(n_nodes[2:]) == expected
-    new_errors = [e for e in page.errors[before:] if "speculative" in e.lower()]
-    assert new_errors == []
+    assert toasts == []
+    assert [e for e in errors if "speculative" in e.lower()] == []
 
 
 def test_a_graph_saved_with_the_legacy_node_loads_with_its_settings(page):
