@@ -13,7 +13,7 @@ The adapters, the Options node's preset list, the Edit Region, the memory estima
 README's model table all read this registry. Adding a family is one entry here plus its tiny
 real-class test (tests/comfy/test_families.py).
 
-Facts about each forward are from ComfyUI's source (0.3.64 and 0.8.0). Pure data: nothing here
+Facts about each forward are from ComfyUI's source (0.3.64, 0.8.0 and 0.29.0). Pure data: nothing here
 imports ComfyUI (classes are named by their import path)."""
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ FAMILIES: tuple[Family, ...] = (
            subclasses=True, capabilities=frozenset({BLOCK_GRANULARITY}),
            notes="HunyuanVideo, HunyuanVideo 1.5 (0.8.0), HunyuanImage 2.1"),
     # Single-stream blocks under "double_block" keys; the text context is read, not changed.
-    Family("wan", ("comfy.ldm.wan.model.WanModel", "comfy.ldm.wan.model.CameraWanModel"),
+    Family("wan", ("comfy.ldm.wan.model.WanModel", "comfy.ldm.wan.model.CameraWanModel",
+                   "comfy.ldm.wan.model.SCAILWanModel", "comfy.ldm.wan.model.SCAIL2WanModel"),
            (BlockList("double_block", "blocks", ("img",)),),
            notes="Wan 2.1 / 2.2 t2v, i2v, Fun inpaint, Fun camera (its adapter adds to the input, "
-                 "before the blocks); the S2V and HuMo subclasses compute features between blocks "
-                 "and stay at output level"),
+                 "before the blocks), SCAIL / SCAIL-2 (0.29; the pose tokens ride in img); the S2V and "
+                 "HuMo subclasses compute features between blocks and stay at output level"),
     # VACE: after some blocks the forward adds the output of a VACE block, computed from the
     # embedded input and the control video (never from the hidden state); VACE blocks run for
     # real on every step.
@@ -103,6 +104,13 @@ FAMILIES: tuple[Family, ...] = (
            (BlockList("double_block", "transformer_blocks", ("img", "txt")),),
            between_block_patches=("double_block",),
            notes="Qwen-Image, Qwen-Image-Edit (reference-image tokens ride in img)"),
+    # ComfyUI 0.29: dual-stream blocks that carry image and text, as Qwen-Image's.
+    Family("joyimage", ("comfy.ldm.joyimage.model.JoyImageTransformer3DModel",),
+           (BlockList("double_block", "double_blocks", ("img", "txt")),), notes="JoyImage (0.29)"),
+    Family("lens_mageflow", ("comfy.ldm.lens.model.LensTransformer2DModel",
+                             "comfy.ldm.mage_flow.model.MageFlowTransformer2DModel"),
+           (BlockList("double_block", "transformer_blocks", ("img", "txt")),),
+           between_block_patches=("double_block",), notes="Lens, MageFlow (0.29)"),
     Family("ltxv", ("comfy.ldm.lightricks.model.LTXVModel",),
            (BlockList("double_block", "transformer_blocks", ("img",)),)),
     # Double layers carry image and text; the single layers run on text and image joined,
@@ -156,16 +164,13 @@ FAMILIES: tuple[Family, ...] = (
            notes="Boogu, Ernie-Image, Ideogram 4, Krea 2, PixelDiT, TripoSplat (0.29)"),
     Family("video_dits_0_29", ("comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel",),
            notes="CogVideoX (0.29)"),
-    Family("patching_dits_0_29", ("comfy.ldm.hidream_o1.model.HiDreamO1Transformer",
-                                  "comfy.ldm.joyimage.model.JoyImageTransformer3DModel",
-                                  "comfy.ldm.lens.model.LensTransformer2DModel",
-                                  "comfy.ldm.mage_flow.model.MageFlowTransformer2DModel",
-                                  "comfy.ldm.seedvr.model.NaDiT"),
-           notes="HiDream-O1, JoyImage, Lens, MageFlow, SeedVR (0.29); they call block patches, no block contract "
-                 "written yet"),
-    Family("wan_variants_0_29", ("comfy.ldm.wan.ar_model.CausalWanModel", "comfy.ldm.wan.model.SCAILWanModel",
-                                 "comfy.ldm.wan.model.SCAIL2WanModel", "comfy.ldm.wan.model_wandancer.WanDancerModel"),
-           notes="Wan 2.1 CausalAR, SCAIL, WanDancer (0.29); they call block patches, no block contract written yet"),
+    Family("patching_dits_0_29", ("comfy.ldm.hidream_o1.model.HiDreamO1Transformer", "comfy.ldm.seedvr.model.NaDiT"),
+           notes="HiDream-O1, SeedVR (0.29); they call block patches, no block contract written yet (SeedVR's "
+                 "blocks carry variable-length video and text with their shapes)"),
+    Family("wan_variants_0_29", ("comfy.ldm.wan.ar_model.CausalWanModel", "comfy.ldm.wan.model_wandancer.WanDancerModel"),
+           notes="Wan 2.1 CausalAR (denoises frame chunks against a KV cache of the frames before), WanDancer "
+                 "(adds music features between blocks) (0.29); they call block patches, but the stack "
+                 "forecast would miss what they add between blocks"),
     Family("vision_0_29", ("comfy.ldm.depth_anything_3.model.DepthAnything3Net", "comfy.ldm.rt_detr.rtdetr_v4.RTv4",
                            "comfy.ldm.sam3.detector.SAM3Model"),
            notes="Depth Anything 3, RT-DETR v4, SAM 3 (0.29): not diffusion models; nothing to forecast"),
@@ -173,6 +178,16 @@ FAMILIES: tuple[Family, ...] = (
                     "comfy.ldm.cascade.stage_b.StageB", "comfy.ldm.cascade.stage_c.StageC"),
            notes="SD1.5, SDXL and other U-Nets, Stable Cascade (Token Pruning node for SD1.5/SDXL)"),
 )
+
+# Block-level classes newer than the oldest ComfyUI the pack supports (0.3.64): the version
+# that added each (on older versions the registry test accepts their absence).
+ADDED_IN = {
+    "comfy.ldm.wan.model.SCAILWanModel": "0.29.0",
+    "comfy.ldm.wan.model.SCAIL2WanModel": "0.29.0",
+    "comfy.ldm.joyimage.model.JoyImageTransformer3DModel": "0.29.0",
+    "comfy.ldm.lens.model.LensTransformer2DModel": "0.29.0",
+    "comfy.ldm.mage_flow.model.MageFlowTransformer2DModel": "0.29.0",
+}
 
 # Any model of no entry: output level, with the output-level preset.
 GENERIC = Family("generic", (), notes="any other model: output level")

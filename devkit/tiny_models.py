@@ -135,6 +135,54 @@ CONFIGS = {
                   context_embedder_config={"target": "torch.nn.Linear",
                                            "params": {"in_features": 64, "out_features": 128}}),
         extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g)}),
+    # ---- ComfyUI >= 0.29 -------------------------------------------------------------------
+    # Block level: Wan SCAIL (the pose tokens, when given, ride in img; 16 latent + 4 mask channels in)
+    "wan21_scail": dict(
+        cls="WAN21_SCAIL", latent=(1, 16, 3, 8, 8),
+        unet=dict(image_model="wan2.1", model_type="scail", patch_size=(1, 2, 2), text_len=16, in_dim=20,
+                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
+                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        extras=lambda g: {}),
+    # JoyImage: its config class fixes rope_dim_list [16, 56, 56], so one head of 128
+    "joyimage": dict(
+        cls="JoyImage", latent=(1, 16, 1, 8, 8),
+        unet=dict(image_model="joyimage", in_channels=16, hidden_size=128, num_attention_heads=1, text_dim=64,
+                  num_layers=3),
+        extras=lambda g: {}),
+    "lens": dict(
+        cls="Lens", latent=(1, 128, 8, 8),
+        unet=dict(image_model="lens", in_channels=128, out_channels=32, num_layers=3, attention_head_dim=16,
+                  num_attention_heads=4, enc_hidden_dim=64, axes_dims_rope=(4, 6, 6),
+                  multi_layer_encoder_feature=False),
+        extras=lambda g: {}),
+    "mage_flow": dict(
+        cls="MageFlow", latent=(1, 128, 8, 8),
+        unet=dict(image_model="mage_flow", in_channels=128, out_channels=128, num_layers=3, attention_head_dim=16,
+                  num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(4, 6, 6)),
+        extras=lambda g: {}),
+    # Output level (their forwards call no block patches)
+    "ernie": dict(
+        cls="ErnieImage", latent=(1, 128, 8, 8),
+        unet=dict(image_model="ernie", hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=128,
+                  in_channels=128, out_channels=128, text_in_dim=64, rope_axes_dim=(4, 6, 6)),
+        extras=lambda g: {}),
+    "krea2": dict(
+        cls="Krea2", latent=(1, 16, 1, 8, 8),
+        unet=dict(image_model="krea2", features=64, tdim=256, txtdim=64, heads=4, kvheads=4, layers=2, patch=2,
+                  channels=16, txtlayers=1, txtheads=4, txtkvheads=4),
+        extras=lambda g: {}),
+    # CogVideoX: its 3D sin-cos position table needs a width of 3 x 64
+    "cogvideox": dict(
+        cls="CogVideoX_T2V", latent=(1, 16, 2, 8, 8),
+        unet=dict(image_model="cogvideox", num_attention_heads=3, attention_head_dim=64, in_channels=16,
+                  out_channels=16, time_embed_dim=64, text_embed_dim=64, num_layers=2),
+        extras=lambda g: {}),
+    "boogu": dict(
+        cls="Boogu", latent=(1, 16, 8, 8),
+        unet=dict(image_model="boogu", hidden_size=64, num_layers=2, num_double_stream_layers=1,
+                  num_refiner_layers=1, num_attention_heads=4, num_kv_heads=4, multiple_of=16,
+                  axes_dim_rope=(4, 6, 6), axes_lens=(64, 64, 64), instruction_feat_dim=64),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     # U-Nets (DaTo token pruning): ComfyUI's UNetModel with two levels, a transformer block
     # at each, SD1.5's and SDXL's config classes (SDXL's adm = 64 pooled + 6 x 256 sizes; its
     # class fixes 64 channels per head, so 64 channels at the first level).

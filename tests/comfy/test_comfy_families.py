@@ -15,7 +15,7 @@ import torch
 
 from devkit import comfy_env
 from devkit import tiny_models as tm
-from conftest import cached, forget_warnings, live_tensor_count
+from conftest import cached, forget_warnings, live_tensor_count, simple
 
 pytestmark = pytest.mark.comfy
 
@@ -23,8 +23,11 @@ pytestmark = pytest.mark.comfy
 BLOCK_LEVEL = {"wan21": "wan", "wan21_i2v": "wan", "wan22": "wan", "qwen_image": "qwen_image", "ltxv": "ltxv", "sd3": "sd3",
                "hunyuan_video15": "hunyuan_video", "flux2": "flux", "auraflow": "auraflow",
                "mochi": "mochi", "wan21_vace": "wan_vace",
-               "wan21_camera": "wan"}
-OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5"]
+               "wan21_camera": "wan",
+               # ComfyUI 0.29
+               "wan21_scail": "wan", "joyimage": "joyimage", "lens": "lens_mageflow", "mage_flow": "lens_mageflow"}
+OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5",
+                "ernie", "krea2", "cogvideox", "boogu"]                  # ComfyUI 0.29
 
 
 def _need(name):
@@ -59,6 +62,15 @@ def test_family_forecasts_and_verifies_at_block_level(spec_nodes, stats_log, nam
     strict = tm.sample(cached(spec_nodes, m, threshold=1e-9), name, steps=steps)
     s = stats_log[-1]
     assert torch.equal(strict, ref) and s["rejected"] == s["verified"] >= 1
+    main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, steps)
+
+
+def main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, steps):
+    """The main node as a user drops it in: speed 0 changes nothing; its defaults run clean."""
+    assert torch.equal(tm.sample(simple(spec_nodes, m, speed=0.0), name, steps=steps), ref)
+    out = tm.sample(simple(spec_nodes, m), name, steps=steps)
+    s = stats_log[-1]
+    assert torch.isfinite(out).all() and not s["internal_error"] and s["steps"] == steps
 
 
 @pytest.mark.parametrize("name", OUTPUT_LEVEL)
@@ -71,6 +83,7 @@ def test_families_without_block_patches_forecast_the_output(spec_nodes, stats_lo
     s = stats_log[-1]
     assert s["mode"] == "output" and s["forecast"] > 0 and not s["internal_error"]
     assert torch.isfinite(out).all()
+    main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, 12)
 
 
 def _class(path):
@@ -94,14 +107,19 @@ def test_the_registry_matches_the_running_comfyui(spec_nodes):
                 if c is not None and "blocks_replace" in inspect.getsource(c):
                     assert "block patches" in fam.notes, f"{path} now calls block patches: give it a block contract"
                 continue
-            assert c is not None, f"{path} is gone"
+            if c is None:
+                running = tuple(int(x) for x in comfy_env.comfyui_version(comfy_env.find_comfyui()).split("."))
+                added = families.ADDED_IN.get(path)
+                assert added is not None and running < tuple(int(x) for x in added.split(".")), f"{path} is gone"
+                continue
             source = "".join(inspect.getsource(k) for k in c.__mro__ if k.__module__.startswith("comfy."))
             for bl in fam.blocks:
                 assert f'("{bl.kind}", i)' in source, f"{fam.name}: {path} no longer calls {bl.kind} patches"
                 for t in bl.carries:
                     assert f'out["{t}"]' in source, f"{fam.name}: {path} no longer reads {t!r} from its patches"
             checked += 1
-    assert checked == sum(len(f.classes) for f in families.FAMILIES if f.block_level)
+    assert checked + sum(_class(p) is None for p in families.ADDED_IN) == sum(
+        len(f.classes) for f in families.FAMILIES if f.block_level)
     kandinsky = _class("comfy.ldm.kandinsky5.model.Kandinsky5")
     if kandinsky is not None:
         source = inspect.getsource(importlib.import_module(kandinsky.__module__))
