@@ -62,3 +62,52 @@ def test_the_readme_screenshot_is_no_older_than_the_panel_code():
     js, png = committed("web/js/speculative_cache.js"), committed("web/screenshot.png")
     assert js is not None and png is not None and png >= js, (png, js)
     assert "web/screenshot.png" in (PACK_ROOT / "README.md").read_text()
+
+
+# "0.388 → 42.8 dB": a compute fraction and the PSNR it gave (bold marks allowed around the dB).
+COMPUTE_TO_DB = re.compile(r"\b(0\.\d+)\s*(?:→|->)\s*\**\s*(\d+(?:\.\d+)?)\s*\**\s*dB")
+
+
+def committed_results():
+    """Every (compute fraction, PSNR) pair of every committed results file: each row (a dict at
+    any depth) crossed with itself over its compute-like and dB-like fields."""
+    import json
+
+    def rows(obj):
+        if isinstance(obj, dict):
+            yield obj
+            for v in obj.values():
+                yield from rows(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from rows(v)
+    pairs = set()
+    for path in sorted((PACK_ROOT / "benchmarks" / "results").rglob("*.json")):
+        for row in rows(json.loads(path.read_text())):
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            computes = [v for k, v in numbers.items() if "compute" in k]
+            dbs = [v for k, v in numbers.items() if "psnr" in k or k.endswith("_db")]
+            pairs.update((c, d, path.name) for c in computes for d in dbs)
+    return pairs
+
+
+def test_every_compute_to_db_figure_is_in_a_committed_results_file():
+    """Each "compute → PSNR" figure in the README and the docs is a row of a results file in
+    benchmarks/results/ (to the digits shown), so no figure outlives the run that made it."""
+    pairs = committed_results()
+    assert len(pairs) > 100
+
+    def backed(compute: str, db: str) -> bool:
+        dc = len(compute.split(".")[1])
+        dd = len(db.split(".")[1]) if "." in db else 0
+        return any(abs(round(c, dc) - float(compute)) < 1e-9 and abs(round(d, dd) - float(db)) < 1e-9
+                   for c, d, _ in pairs)
+    unbacked, seen = [], 0
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for m in COMPUTE_TO_DB.finditer(line):
+                seen += 1
+                if not backed(m.group(1), m.group(2)):
+                    unbacked.append(f"{doc.relative_to(PACK_ROOT)}:{number}: {m.group(0)}")
+    assert seen > 20, "the pattern no longer finds the docs' figures"
+    assert not unbacked, "figures no committed results file holds:\n" + "\n".join(unbacked)
