@@ -159,3 +159,65 @@ def ui_graph(sc_widgets: list, steps: int = 12, sc_type: str = "SpeculativeCache
         links.append([7, 11, 0, 10, 1, "SPECULATIVE_CACHE_OPTIONS"])
     return {"last_node_id": 11, "last_link_id": 7, "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+
+# The model files the shipped workflows name -> the tiny model of their family (devkit.tiny_models).
+TINY_FAMILY_BY_FILE = [("flux1-fill", "flux_fill"), ("flux1-", "flux"), ("hunyuan_video", "hunyuan_video"),
+                       ("wan2.2_t2v", "wan21"), ("qwen_image", "qwen_image"), ("v1-5", "sd15")]
+_LOADERS = {"UNETLoader": "unet_name", "CheckpointLoaderSimple": "ckpt_name"}
+_LATENTS = {"EmptySD3LatentImage", "EmptyLatentImage", "EmptyHunyuanLatentVideo"}
+_DECODERS = {"VAEDecode", "VAEDecodeTiled"}
+_DROPPED = {"DualCLIPLoader", "CLIPLoader", "VAELoader", "LoadImage", "SaveImage", "SaveAnimatedWEBP",
+            "ImageStitch", "PreviewImage"}
+
+
+def with_tiny_models(prompt: dict) -> dict:
+    """An API-format prompt (what the frontend queues) with its model files swapped for tiny
+    models of their families: each model loader becomes ``SCTestTinyModel``, each text encoding
+    ``SCTestTextConditioning``, InpaintModelConditioning ``SCTestInpaintConditioning``, each VAE
+    decode a latent sink; the latents shrink to the tiny models' size and the loaders, images and
+    savers that no longer have a use go. Everything else (the pack's nodes with the workflow's
+    settings, samplers, guidance, model sampling) stays as the workflow has it."""
+    from devkit import tiny_models
+    out = json.loads(json.dumps(prompt))
+    family = None
+    for i, (nid, node) in enumerate(sorted(out.items())):
+        if node["class_type"] in _LOADERS:
+            name = node["inputs"][_LOADERS[node["class_type"]]]
+            fam = next((f for key, f in TINY_FAMILY_BY_FILE if key in name), None)
+            if fam is None:
+                raise ValueError(f"no tiny model for {name!r}: add it to TINY_FAMILY_BY_FILE")
+            family = family or fam
+            out[nid] = {"class_type": "SCTestTinyModel", "inputs": {"family": fam, "seed": i}}
+    if family is None:
+        raise ValueError("the workflow loads no model")
+    negatives = {v[0] for node in out.values() for k, v in node["inputs"].items()
+                 if k == "negative" and isinstance(v, list)}
+    latent = tiny_models.CONFIGS[family]["latent"]
+    for nid, node in list(out.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CLIPTextEncode":
+            seed = sum(map(ord, str(inputs.get("text", "")))) % 1000 + 1
+            out[nid] = {"class_type": "SCTestTextConditioning",
+                        "inputs": {"family": family, "seed": seed, "negative": nid in negatives}}
+        elif kind == "InpaintModelConditioning":
+            out[nid] = {"class_type": "SCTestInpaintConditioning",
+                        "inputs": {"positive": inputs["positive"], "negative": inputs["negative"],
+                                   "width": latent[-1] * 8, "height": latent[-2] * 8}}
+        elif kind in _LATENTS:
+            inputs["width"], inputs["height"] = latent[-1] * 8, latent[-2] * 8
+            if "length" in inputs:
+                inputs["length"] = (latent[2] - 1) * 4 + 1
+        elif kind in _DECODERS:
+            out[nid] = {"class_type": "SCTestLatentSink", "inputs": {"samples": inputs["samples"]}}
+    dropped = {nid for nid, node in out.items() if node["class_type"] in _DROPPED}
+    sinks = {nid for nid, node in out.items() if node["class_type"] == "SCTestLatentSink"}
+    changed = True
+    while changed:       # whatever reads a dropped node or a sink's (absent) output goes too
+        changed = False
+        for nid, node in out.items():
+            if nid not in dropped and any(isinstance(v, list) and v and (v[0] in dropped or v[0] in sinks)
+                                          for v in node["inputs"].values()):
+                dropped.add(nid)
+                changed = True
+    return {nid: node for nid, node in out.items() if nid not in dropped}

@@ -14,6 +14,15 @@ CONFIGS = {
                   hidden_size=64, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2,
                   axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
         extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 3.5}),
+    # FLUX.1 Fill: 16 latent + 16 masked-image latent + 64 mask channels (8 x 8 pixels per latent
+    # pixel) in, 16 out; the concatenated channels come from the conditioning (concat_latent_image,
+    # concat_mask), as ComfyUI's InpaintModelConditioning gives them
+    "flux_fill": dict(
+        cls="FluxInpaint", latent=(1, 16, 16, 16),
+        unet=dict(image_model="flux", in_channels=96, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                  hidden_size=64, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2,
+                  axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+        extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 3.5}),
     "chroma": dict(
         cls="Chroma", latent=(1, 16, 16, 16),
         unet=dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64,
@@ -213,6 +222,7 @@ CONFIGS = {
 _PARAMS_CLASSES = {
     "flux": ("comfy.ldm.flux.model", "FluxParams"),
     "flux2": ("comfy.ldm.flux.model", "FluxParams"),
+    "flux_fill": ("comfy.ldm.flux.model", "FluxParams"),
     "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"),
 }

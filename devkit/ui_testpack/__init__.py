@@ -1,6 +1,8 @@
-"""Test-only ComfyUI node pack: a tiny FLUX model (ComfyUI's own class, random weights),
-its conditioning and a latent sink, so a real ComfyUI server can run a Speculative Cache
-graph without model files. Loaded by the server tests, never shipped to users."""
+"""Test-only ComfyUI node pack: tiny models (ComfyUI's own classes, random weights), their
+conditioning, an inpainting conditioning and a latent sink, so a real ComfyUI server can run a
+Speculative Cache graph, or a shipped workflow with its model files swapped for tiny models
+(``devkit.comfy_server.with_tiny_models``), without model files. Loaded by the server tests,
+never shipped to users."""
 
 import sys
 from pathlib import Path
@@ -43,6 +45,69 @@ class SCTestConditioning:
         return tiny_models.conditioning("flux", seed=seed)
 
 
+class SCTestTinyModel:
+    """A tiny model of one family (a devkit.tiny_models name), in place of a loader."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": ("STRING", {"default": "flux"}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+    CATEGORY = "testing/speculative_cache"
+
+    def build(self, family, seed):
+        from devkit import tiny_models
+        key = (family, seed)
+        if key not in _models:
+            _models[key] = tiny_models.build(family, seed=seed)
+        return (_models[key],)
+
+
+class SCTestTextConditioning:
+    """One conditioning of a family's tiny shapes, in place of a text encoder."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": ("STRING", {"default": "flux"}),
+                             "seed": ("INT", {"default": 1, "min": 0, "max": 100000}),
+                             "negative": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing/speculative_cache"
+
+    def make(self, family, seed, negative):
+        from devkit import tiny_models
+        positive, neg = tiny_models.conditioning(family, seed=seed)
+        return (neg if negative else positive,)
+
+
+class SCTestInpaintConditioning:
+    """What ComfyUI's InpaintModelConditioning gives a FLUX Fill model (the masked image's latent
+    and the mask on the conditioning, the mask on the latent), without a VAE: a square hole in
+    the middle of a random image latent."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                             "width": ("INT", {"default": 128}), "height": ("INT", {"default": 128})}}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    FUNCTION = "make"
+    CATEGORY = "testing/speculative_cache"
+
+    def make(self, positive, negative, width, height):
+        import torch
+        import node_helpers
+        g = torch.Generator().manual_seed(7)
+        image_latent = torch.randn(1, 16, height // 8, width // 8, generator=g)
+        mask = torch.zeros(1, 1, height, width)
+        mask[:, :, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1.0
+        values = {"concat_latent_image": image_latent * (1 - torch.nn.functional.interpolate(
+            mask, size=image_latent.shape[-2:])), "concat_mask": mask}
+        out = [node_helpers.conditioning_set_values(c, values) for c in (positive, negative)]
+        return (out[0], out[1], {"samples": torch.zeros_like(image_latent), "noise_mask": mask})
+
+
 class SCTestLatentSink:
     @classmethod
     def INPUT_TYPES(cls):
@@ -59,7 +124,9 @@ class SCTestLatentSink:
 
 
 NODE_CLASS_MAPPINGS = {"SCTestTinyFlux": SCTestTinyFlux, "SCTestConditioning": SCTestConditioning,
-                       "SCTestLatentSink": SCTestLatentSink}
+                       "SCTestLatentSink": SCTestLatentSink, "SCTestTinyModel": SCTestTinyModel,
+                       "SCTestTextConditioning": SCTestTextConditioning,
+                       "SCTestInpaintConditioning": SCTestInpaintConditioning}
 
 
 def _memory() -> dict:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from devkit.comfy_server import ROOT, ComfyServer, ui_graph, widget_defaults
+from devkit.comfy_server import ROOT, ComfyServer, ui_graph, widget_defaults, with_tiny_models
 from conftest import COMFYUI
 
 pytestmark = pytest.mark.comfy
@@ -235,6 +235,38 @@ def test_example_workflows_load_from_the_template_route(page, name):
     assert n_nodes[0] == n_nodes[1] and tuple(n_nodes[2:]) == expected
     assert toasts == []
     assert [e for e in errors if "speculative" in e.lower()] == []
+
+
+WORKFLOWS = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_each_workflow_runs_through_the_server_with_tiny_models(page, name):
+    """Each shipped workflow as the frontend queues it (``app.graphToPrompt`` after loading it),
+    its model files swapped for tiny models of their families, through the real server's
+    /prompt: it runs to the end with every node of the pack in it, and the latents it makes
+    are finite."""
+    import time
+    queued = page.evaluate(f"""async () => {{
+        const r = await fetch('/api/workflow_templates/speculative-cache/{name}.json');
+        await app.loadGraphData(await r.json());
+        return (await app.graphToPrompt()).output; }}""")
+    ours = sorted(n["class_type"] for n in queued.values() if n["class_type"].startswith("SpeculativeCache"))
+    assert ours, "the workflow has no node of this pack"
+    prompt = with_tiny_models(queued)
+    assert sorted(n["class_type"] for n in prompt.values() if n["class_type"].startswith("SpeculativeCache")) == ours
+    prompt_id = page.server.post("/prompt", {"prompt": prompt, "client_id": "workflow-test"})["prompt_id"]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        history = page.server.get(f"/history/{prompt_id}").get(prompt_id)
+        if history and history.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{name} did not finish in 300 s:\n" + page.server.log())
+    assert history["status"]["status_str"] == "success", history["status"]
+    sinks = [o["text"][0] for o in history["outputs"].values() if "text" in o]
+    assert sinks and all("finite=True" in t for t in sinks), sinks
 
 
 def test_a_graph_saved_with_the_legacy_node_loads_with_its_settings(page):
