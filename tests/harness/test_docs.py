@@ -40,6 +40,22 @@ def test_every_workflow_has_a_valid_id_or_none():
             assert isinstance(graph["id"], str) and str(uuid.UUID(graph["id"])) == graph["id"].lower(), path.name
 
 
+def test_every_workflow_has_a_thumbnail_no_older_than_itself():
+    """The template browser shows workflows/<name>.jpg for a custom node's workflow <name>.json
+    (devkit/workflow_thumbnails.py makes them); each is committed with or after its workflow."""
+    import subprocess
+
+    def committed(path):
+        out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path], cwd=PACK_ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return int(out) if out else None
+    for path in sorted((PACK_ROOT / "workflows").glob("*.json")):
+        jpg = path.with_suffix(".jpg")
+        assert jpg.is_file() and jpg.read_bytes()[:3] == b"\xff\xd8\xff", jpg.name
+        rel = lambda p: str(p.relative_to(PACK_ROOT))  # noqa: E731
+        assert committed(rel(jpg)) is not None and committed(rel(jpg)) >= committed(rel(path)), jpg.name
+
+
 def test_the_settings_path_the_readme_names_is_the_frontends():
     js = (PACK_ROOT / "web" / "js" / "speculative_cache.js").read_text()
     category = re.search(r"category: \[([^\]]*)\]", js).group(1)

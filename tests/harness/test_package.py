@@ -14,7 +14,8 @@ from devkit.comfy_env import PACK_ROOT
 
 PRODUCT = ["__init__.py", "pyproject.toml", "README.md", "LICENSE", "nodes/__init__.py", "nodes/step_cache/node.py",
            "nodes/runtime/feature.py", "cache_core/__init__.py", "cache_core/recipe.py", "cache_core/families.py",
-           "web/js/speculative_cache.js", "workflows/flux_dev_text_to_image.json"]
+           "web/js/speculative_cache.js", "workflows/flux_dev_text_to_image.json",
+           "workflows/flux_dev_text_to_image.jpg"]
 DEVELOPMENT = ("tests/", "devkit/", "benchmarks/", ".ci/")
 
 

@@ -234,6 +234,11 @@ def test_example_workflows_load_from_the_template_route(page, name):
                 "sd15_token_pruning": (0, 0), "flux_dev_draft_and_final_with_options": (2, 0)}.get(name, (1, 0))
     assert n_nodes[0] == n_nodes[1] and tuple(n_nodes[2:]) == expected
     assert toasts == []
+    # the thumbnail the template browser asks for (custom nodes' templates are shown as <name>.jpg)
+    thumbnail = page.evaluate(f"""async () => {{
+        const r = await fetch('/api/workflow_templates/speculative-cache/{name}.jpg');
+        return [r.status, r.headers.get('content-type'), (await r.arrayBuffer()).byteLength]; }}""")
+    assert thumbnail[0] == 200 and thumbnail[1] == "image/jpeg" and thumbnail[2] > 5000, thumbnail
     assert [e for e in errors if "speculative" in e.lower()] == []
 
 
