@@ -84,10 +84,21 @@ def speed_to_threshold(speed: float, base: float) -> float:
     return base * factor
 
 
+def require_finite(node: str, **values) -> None:
+    """Refuse NaN and infinite numbers, naming the input (ComfyUI's own min/max check lets NaN
+    through: every comparison with it is false)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"{node}: {name} must be a finite number, got {value}")
+
+
 def check_options(chosen: dict, node: str = "Speculative Cache Options") -> None:
     unknown = set(chosen) - set(OPTION_DEFAULTS)
     if unknown:
         raise ValueError(f"{node}: unknown inputs {sorted(unknown)}")
+    require_finite(node, **chosen)
     preset = chosen.get("preset", "auto")
     if preset not in PRESETS:
         raise ValueError(f"{node}: unknown preset {preset!r}; choose from {PRESETS}")
@@ -126,6 +137,9 @@ def resolve(mode: str, speed: float, start_percent: float, end_percent: float, f
     inputs with the per-step probe (auto becomes probe)."""
     if mode not in MODES:
         raise ValueError(f"Speculative Cache: unknown mode {mode!r}; choose from {MODES}")
+    require_finite("Speculative Cache", speed=speed, start_percent=start_percent, end_percent=end_percent)
+    if not 0.0 <= float(speed) <= 1.0:
+        raise ValueError(f"Speculative Cache: speed must lie in [0, 1], got {speed}")
     chosen = dict(chosen or {})
     check_options(chosen)
     config, what = _resolve(mode, float(speed), float(start_percent), float(end_percent), family, chosen, lookback)

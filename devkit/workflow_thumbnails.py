@@ -49,8 +49,8 @@ def main() -> int:
                                Math.max(...xs.map(x => x[2])), Math.max(...xs.map(x => x[3]))];
                     const s = Math.min(aw / (b[2] - b[0] + 40), ah / (b[3] - b[1] + 40));
                     if (ds.changeScale) ds.changeScale(s, [0, 0]); else ds.scale = s;
-                    ds.offset[0] = (ax - r.x + (aw - (b[2] - b[0]) * s) / 2) / s - b[0];
-                    ds.offset[1] = (ay - r.y + (ah - (b[3] - b[1]) * s) / 2) / s - b[1];
+                    ds.offset = [(ax - r.x + (aw - (b[2] - b[0]) * s) / 2) / s - b[0],
+                                 (ay - r.y + (ah - (b[3] - b[1]) * s) / 2) / s - b[1]];
                     app.canvas.setDirty(true, true); }""", list(AREA))
                 page.wait_for_timeout(500)
                 shot = page.screenshot(type="png", clip=dict(zip(("x", "y", "width", "height"), AREA)))

@@ -30,6 +30,18 @@ def pytest_report_header(config):
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def require(module: str):
+    """Import a test dependency (tests/requirements.txt): skip without it on a developer's
+    machine, fail under CI=true, where the setup must have installed it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if IN_CI:
+            pytest.fail(f"CI=true: test dependency {module} is missing ({e})")
+        pytest.skip(f"{module} not installed: pip install -r tests/requirements.txt")
+
+
 def pytest_collection_modifyitems(config, items):
     if COMFYUI is not None or IN_CI:
         # Under CI a ComfyUI test never skips for lack of ComfyUI: it errors (spec_nodes says why).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ...cache_core.recipe import require_finite
 from ..runtime.feature import node_id_of
 from .region import CONTEXT_MODES, EditRegionSettings, install
 
@@ -43,6 +44,8 @@ class SpeculativeCacheEditRegion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, margin=2, refresh_interval=3, final_refresh_steps=1, context="linear") -> io.NodeOutput:
+        require_finite("Speculative Cache Edit Region", margin=margin, refresh_interval=refresh_interval,
+                       final_refresh_steps=final_refresh_steps)
         if context not in CONTEXT_MODES:
             raise ValueError(f"Speculative Cache Edit Region: context must be one of {list(CONTEXT_MODES)}, "
                              f"got {context!r}")

@@ -41,7 +41,7 @@ from ..runtime.block_patch import ChainedBlockPatch, install_block_patches
 from ..runtime.device_memory import budget_bytes
 from ..runtime.feature import Feature, FeatureRun
 from ..runtime.log import log, warn_once
-from ..runtime.model_call import find_transformer_options, sampling_sigma
+from ..runtime.model_call import find_transformer_options, sampler_sigmas, sampling_sigma
 from ..runtime.published import EDITS_REGION, VERIFICATION_ROWS, step_cache_active
 
 EDIT = Feature("speculative_cache_edit", "Speculative Cache Edit Region")
@@ -288,14 +288,17 @@ class EditCall:
         calls = []
 
         def override(func, *a, **kw):
-            q, k, v = a[0], a[1], a[2]
-            if calls or k.ndim != 4 or not kw.get("skip_reshape") or k.shape[2] != expected_rows:
-                self.failed = f"unexpected attention layout {tuple(k.shape)} (expected {expected_rows} rows)"
-            else:
-                q, k, v = edit(q, k, v)
-            calls.append(1)
-            a = (q, k, v, *a[3:])
-            return previous(func, *a, **kw) if previous is not None else func(*a, **kw)
+            with guard.ours():
+                q, k, v = a[0], a[1], a[2]
+                if calls or k.ndim != 4 or not kw.get("skip_reshape") or k.shape[2] != expected_rows:
+                    self.failed = f"unexpected attention layout {tuple(k.shape)} (expected {expected_rows} rows)"
+                else:
+                    q, k, v = edit(q, k, v)
+                calls.append(1)
+                a = (q, k, v, *a[3:])
+            if previous is not None:
+                return guard.theirs(previous, func, *a, **kw)
+            return guard.theirs(func, *a, **kw)
         options["optimized_attention_override"] = override
         return dict(args, transformer_options=options)
 
@@ -337,7 +340,7 @@ def _start_run(guider, settings: EditRegionSettings, args, kwargs) -> EditRun | 
         warn_once(f"Speculative Cache Edit Region: {type(diffusion_model).__name__} is not supported yet "
                   "(Flux-class models are); sampling unchanged.")
         return None
-    return EditRun(settings, mask, args[3], diffusion_model)
+    return EditRun(settings, mask, sampler_sigmas(args, kwargs), diffusion_model)
 
 
 outer_sample_wrapper = EDIT.sampling_wrapper(_start_run)
@@ -362,14 +365,18 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         call = run.active = EditCall(run, stream, refresh, inside, outside, grid_tokens, sigma,
                                      serve_outside=step_cache_active(to))
     except Exception as e:
-        if guard.is_interrupt(e):
+        if guard.passes_through(e):
             raise
         run.disable(f"internal error: {type(e).__name__}: {e}")
         return executor(*args, **kwargs)
+    attempt_args, attempt_kwargs = guard.private_inputs(args, kwargs)
     try:
-        out = executor(*args, **kwargs)
+        out = guard.theirs(executor, *attempt_args, **attempt_kwargs)
     except Exception as e:
-        if guard.is_interrupt(e):
+        # The model's or ComfyUI's own error (out of memory, the graph's shapes) reaches the user
+        # unchanged and is not run twice; an error of ours (a block patch, the attention edit)
+        # ends the region for the run and the call is made again on its intact inputs.
+        if guard.passes_through(e):
             raise
         run.active = None
         run.disable(f"internal error: {type(e).__name__}: {e}")
@@ -432,7 +439,7 @@ class EditBlockPatch(ChainedBlockPatch):
     feature = EDIT.name
     rank = 1
 
-    def __call__(self, args, extra):
+    def act(self, args, extra):
         run = EDIT.run_in(args.get("transformer_options"))
         call = run.active if run is not None else None
         if call is None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import copy
 
+from . import guard
+
 
 class ChainedBlockPatch:
     """Base of a block patch that chains to the patch that was there before it. Subclasses
-    decide in ``__call__`` when to act, and set ``feature`` and ``rank``."""
+    decide in ``act`` when to act, and set ``feature`` and ``rank``. What ``act`` raises is the
+    pack's (``guard.ours``); what the patches below and the model's block raise is theirs."""
 
     feature = ""
     rank = 0
@@ -24,10 +27,17 @@ class ChainedBlockPatch:
         self.key = tuple(key)
         self.previous = previous
 
+    def __call__(self, args, extra):
+        with guard.ours():
+            return self.act(args, extra)
+
+    def act(self, args, extra):
+        return self._run(args, extra)
+
     def _run(self, args, extra):
         if self.previous is not None:
-            return self.previous(args, extra)
-        return extra["original_block"](args)
+            return guard.theirs(self.previous, args, extra)
+        return guard.theirs(extra["original_block"], args)
 
     def over(self, previous) -> "ChainedBlockPatch":
         """This patch, chained to ``previous`` instead (a copy: a chain may be shared by

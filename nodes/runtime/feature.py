@@ -13,10 +13,12 @@ ComfyUI's EasyCache keeps its per-run holder the same way (``comfy_extras/nodes_
 
 from __future__ import annotations
 
+import logging
+
 import comfy.patcher_extension as pe
 
 from . import guard
-from .log import log
+from .log import log_failure, run_warnings
 
 WRAPPER_TYPES = ("OUTER_SAMPLE", "SAMPLER_SAMPLE", "CALC_COND_BATCH", "DIFFUSION_MODEL", "APPLY_MODEL")
 
@@ -91,12 +93,16 @@ class Feature:
             settings = self.settings_on(guider.model_options)
             if settings is None:
                 return executor(*args, **kwargs)
+            with run_warnings():
+                return run_with(executor, guider, settings, args, kwargs)
+
+        def run_with(executor, guider, settings, args, kwargs):
             try:
                 run = start(guider, settings, args, kwargs)
             except Exception as e:
                 if guard.is_interrupt(e):
                     raise
-                log.exception("%s: could not set up this run; sampling without it", self.title)
+                log_failure(logging.ERROR, "%s: could not set up this run; sampling without it", self.title)
                 return executor(*args, **kwargs)
             if run is None:
                 return executor(*args, **kwargs)
@@ -108,16 +114,23 @@ class Feature:
                     run.finish()
                 except Exception:
                     # the user's sampling has its result (or its own error): never replace it with ours
-                    log.exception("%s: could not finish the run cleanly", self.title)
+                    log_failure(logging.ERROR, "%s: could not finish the run cleanly", self.title)
         return outer_sample
 
     def tell(self, node_id, stats: dict, final: bool) -> None:
-        """Stats to the listeners and, with a server and a UI event, to the frontend."""
+        """Stats to the listeners and, with a server and a UI event, to the frontend of the one
+        client that queued the prompt (as ComfyUI sends its own progress), with the prompt's id;
+        a prompt queued without a client id (the API) sends nothing to any browser."""
         payload = dict(stats, node=node_id, final=bool(final))
         guard.tell_listeners(self.listeners, self.title, node_id, payload, final)
         server = _prompt_server() if self.ui_event else None
-        if server is not None and node_id is not None:
-            try:
-                server.send_sync(self.ui_event, payload)
-            except Exception:
-                log.debug("%s: could not send stats to the UI", self.title, exc_info=True)
+        if server is None or node_id is None:
+            return
+        client_id = getattr(server, "client_id", None)
+        if client_id is None:
+            return
+        try:
+            server.send_sync(self.ui_event, dict(payload, prompt_id=getattr(server, "last_prompt_id", None)),
+                             client_id)
+        except Exception:
+            log_failure(logging.DEBUG, "%s: could not send stats to the UI", self.title)

@@ -47,3 +47,13 @@ def sampling_sigma(timestep) -> float:
     """The sigma of a model call (the largest of the batch's timesteps)."""
     import torch
     return float(torch.as_tensor(timestep).max())
+
+
+def sampler_sigmas(args, kwargs):
+    """The sigmas an OUTER_SAMPLE call samples (``CFGGuider.outer_sample(noise, latent_image,
+    sampler, sigmas, ...)``), passed by position or by name."""
+    if len(args) > 3:
+        return args[3]
+    if "sigmas" in kwargs:
+        return kwargs["sigmas"]
+    raise ValueError("the sampling call passed no sigmas")

@@ -108,7 +108,7 @@ class BlockPatch(ChainedBlockPatch):
     feature = "speculative_cache"
     rank = 2
 
-    def __call__(self, args, extra):
+    def act(self, args, extra):
         call = None
         ctx = run_context(args.get("transformer_options"))
         if ctx is not None and ctx.stack_ok:

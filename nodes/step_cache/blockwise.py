@@ -25,6 +25,7 @@ from ...cache_core import token_tiers
 from ...cache_core.families import BLOCK_GRANULARITY, family_of
 from ...cache_core.clustering import kmeans, pick_representatives, propagate
 from ...cache_core.tokens import gather_tokens
+from ..runtime import guard
 
 CAPTURE = {
     "double_block": {"img_attn": "img_attn.proj", "img_mlp": "img_mlp", "txt_attn": "txt_attn.proj",
@@ -153,12 +154,16 @@ class BlockwiseCall:
         columns = slice(0, n_img) if img_first else slice(n_txt, n_txt + n_img)
 
         def override(func, *a, **kw):
-            q, k = a[0], a[1]
-            if kw.get("skip_reshape") and k.ndim == 4 and k.shape[2] == n_img + n_txt and q.shape == k.shape:
-                got = token_tiers.attention_received(q.detach(), k.detach(), columns, generator=self.ctx.generator)
-                self.received = got if self.received is None or self.received.shape != got.shape \
-                    else self.received + got
-            return previous(func, *a, **kw) if previous is not None else func(*a, **kw)
+            with guard.ours():
+                q, k = a[0], a[1]
+                if kw.get("skip_reshape") and k.ndim == 4 and k.shape[2] == n_img + n_txt and q.shape == k.shape:
+                    got = token_tiers.attention_received(q.detach(), k.detach(), columns,
+                                                         generator=self.ctx.generator)
+                    self.received = got if self.received is None or self.received.shape != got.shape \
+                        else self.received + got
+            if previous is not None:
+                return guard.theirs(previous, func, *a, **kw)
+            return guard.theirs(func, *a, **kw)
         options["optimized_attention_override"] = override
         return dict(args, transformer_options=options)
 

@@ -23,7 +23,7 @@ from ...cache_core.stats import COMPUTED, FORECAST, REJECTED
 from ..runtime import guard
 from ..runtime.block_patch import install_block_patches
 from ..runtime.log import log, warn_once
-from ..runtime.model_call import find_transformer_options, forward_argument, sampling_sigma
+from ..runtime.model_call import find_transformer_options, forward_argument, sampler_sigmas, sampling_sigma
 from ..runtime.published import EDITS_REGION
 from . import blockwise, cond_only, context_windows, memory, trajectory
 from .adapters import StackAdapter, select_adapter
@@ -35,7 +35,7 @@ from .serving import Serving
 # wrappers
 # ---------------------------------------------------------------------------------
 def _start_run(guider, settings: CacheSettings, args, kwargs) -> RunContext:
-    sigmas = args[3]
+    sigmas = sampler_sigmas(args, kwargs)
     adapter = select_adapter(guider.model_patcher.get_model_object("diffusion_model"))
     config = settings.config
     if settings.config_with_edit_region is not None and \
@@ -79,11 +79,12 @@ def sampler_sample_wrapper(executor, *args, **kwargs):
     def counting_callback(step, denoised, x, total_steps):
         ctx.callback_seen = True
         ctx.steps_done = int(step) + 1
-        try:
-            ctx.run.end_evaluation()
-            STEP_CACHE.tell(ctx.settings.node_id, ctx.stamp().to_dict(), False)
-        except Exception as e:
-            ctx.fail("step callback", e)
+        if not ctx.run.closed:          # (a run that gave up has said so once already)
+            try:
+                ctx.run.end_evaluation()
+                STEP_CACHE.tell(ctx.settings.node_id, ctx.stamp().to_dict(), False)
+            except Exception as e:
+                guard.give_up(ctx, "step callback", e)
         if original_callback is not None:
             return original_callback(step, denoised, x, total_steps)
 
@@ -137,10 +138,10 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
             if ctx.evaluations.begins(model_options.get("transformer_options"), step, sigma):
                 ctx.run.begin_evaluation(sigma, step)
         except Exception as e:
-            ctx.fail("evaluation start", e)
+            guard.give_up(ctx, "evaluation start", e)
         if ctx.guidance is not None and not ctx.run.closed:
             return guard.cached_call(ctx, executor, args, kwargs,
-                                     lambda: cond_only.calc_cond_batch(ctx, executor, args, kwargs))
+                                     lambda ex, a, kw: cond_only.calc_cond_batch(ctx, ex, a, kw))
     return executor(*args, **kwargs)
 
 
@@ -150,7 +151,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if ctx is None or ctx.run.decision is None or ctx.adapter.apply_model_level:
         return executor(*args, **kwargs)
     return guard.cached_call(ctx, executor, args, kwargs,
-                             lambda: _cached_model_call(ctx, executor, args, kwargs, to))
+                             lambda ex, a, kw: _cached_model_call(ctx, ex, a, kw, to))
 
 
 def _cached_model_call(ctx, executor, args, kwargs, to):
@@ -203,11 +204,11 @@ def apply_model_wrapper(executor, *args, **kwargs):
             warn_once(f"Speculative Cache: block granularity is not available for {ctx.adapter.family}; "
                       "using stack granularity.")
 
-        def call():
+        def call(ex, a, kw):
             # (This level returns the denoised sample: its output is forecast as it is.)
             if _stack_usable(ctx, to):
-                return _stack_forward(ctx, executor, args, kwargs, to, MODEL_SPACE)
-            return _output_forward(ctx, executor, args, kwargs, to, "apply_out", MODEL_SPACE)
+                return _stack_forward(ctx, ex, a, kw, to, MODEL_SPACE)
+            return _output_forward(ctx, ex, a, kw, to, "apply_out", MODEL_SPACE)
         return guard.cached_call(ctx, executor, args, kwargs, call)
     ctx.apply_model_calls += 1
     if ctx.apply_model_calls == 1:
@@ -220,10 +221,10 @@ def apply_model_wrapper(executor, *args, **kwargs):
             try:
                 _record_output(ctx, to, out, "apply_out")
             except Exception as e:
-                ctx.fail("model output", e)
+                guard.give_up(ctx, "model output", e)
         return out
     return guard.cached_call(ctx, executor, args, kwargs,
-                             lambda: _output_forward(ctx, executor, args, kwargs, to, "apply_out", MODEL_SPACE))
+                             lambda ex, a, kw: _output_forward(ctx, ex, a, kw, to, "apply_out", MODEL_SPACE))
 
 
 def _stream_keys(to, batch):

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ...cache_core.config import METHODS, METRICS, ON_REJECT, TARGET_SCHEDULES
 from ...cache_core.forecasters import FORECASTERS, forecaster_class
 from ...cache_core.presets import PRESETS
-from ...cache_core.recipe import OPTION_DEFAULTS
+from ...cache_core.recipe import OPTION_DEFAULTS, require_finite
 from ...cache_core.target import MAX_TARGET_SPEEDUP
 
 AUTO = "auto"
@@ -150,6 +150,7 @@ def chosen_options(values: dict) -> dict:
     unknown = set(values) - set(BY_NAME)
     if unknown:
         raise ValueError(f"Speculative Cache Options: unknown inputs {sorted(unknown)}")
+    require_finite("Speculative Cache Options", **values)
     chosen = {}
     for name, value in values.items():
         got = BY_NAME[name].chosen(value)

@@ -9,7 +9,7 @@ import torch
 
 from ...cache_core.memory_plan import estimate_cache_bytes, fit_to_budget, memory_warning
 from ..runtime.device_memory import budget_bytes, warning_limit
-from ..runtime.log import log, warn_once
+from ..runtime.log import warn_once
 from .adapters import model_width, patch_size
 
 def text_tokens(guider) -> int:
@@ -51,8 +51,11 @@ def plan_run_memory(guider, adapter, config, noise, budget_mb: int = 0):
         before = estimate_for(config)
         fitted, steps = fit_to_budget(config, estimate_for, budget)
         estimate = estimate_for(fitted)
-    except Exception:
-        log.debug("Speculative Cache: no cache memory estimate", exc_info=True)
+    except Exception as e:
+        # Without an estimate no budget can be applied: say so, with the reason (the run goes on
+        # with the settings as they are).
+        warn_once(f"Speculative Cache: could not plan this run's cache memory ({type(e).__name__}: {e}); "
+                  "the memory budget is not applied to this run.")
         return config, None
     if steps:
         warn_once(f"Speculative Cache: the forecast history would need about {before / 2**20:.0f} MiB, above the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from ...cache_core import CacheConfig, SpeculativeRun
 from ...cache_core.schedule import step_index
 from ..runtime.feature import Feature, FeatureRun
-from ..runtime.log import log
+from ..runtime.log import log, log_failure
 from ..runtime.published import STEP_CACHE_ACTIVE
 from . import blockwise, context_windows, model_weights
 from .adapters import StackAdapter
@@ -69,10 +70,14 @@ class RunContext(FeatureRun):
         STEP_CACHE.tell(self.settings.node_id, stats.to_dict(), True)
 
     def fail(self, where: str, exc: Exception) -> None:
-        """Give up caching for the rest of the run (its cache is freed now)."""
+        """Give up caching for the rest of the run (its cache is freed now); said once per run."""
+        if self.run.stats.internal_error:
+            self.active = None
+            self.run.close()
+            return
         reason = f"{where}: {type(exc).__name__}: {exc}"
-        log.warning("Speculative Cache: internal error in %s; this run continues without the cache. "
-                    "Please report it with the workflow.", reason, exc_info=exc)
+        log_failure(logging.WARNING, "Speculative Cache: internal error in %s; this run continues without the cache. "
+                    "Please report it with the workflow.", reason, exc=exc)
         stats = self.run.stats
         if not stats.internal_error:
             stats.internal_error = reason[:500]

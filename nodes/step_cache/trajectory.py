@@ -9,6 +9,7 @@ import logging
 
 from ...cache_core.correction import TrajectoryCorrection
 from ...cache_core.stats import FORECAST
+from ..runtime import guard
 from .run_context import run_context
 from .serving import is_flow_model
 
@@ -40,10 +41,10 @@ def post_cfg(args):
         computed = run.current_outcome() != FORECAST and step not in run.stats.cond_only_steps
         served = correction.observe(args["input"], denoised, run.sigma, sigma_next, computed)
     except Exception as e:
-        log.warning("Speculative Cache: the trajectory correction failed (%s: %s); off for this run.",
-                    type(e).__name__, e)
-        correction.turn_off(f"error: {type(e).__name__}")
-        served = denoised
+        # The containment rule: this step keeps the denoised output the model gave, and the run
+        # continues uncached.
+        guard.give_up(ctx, "trajectory correction", e)
+        return denoised
     run.note_correction()
     return served
 

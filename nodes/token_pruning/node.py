@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ...cache_core.recipe import require_finite
 from ..runtime.feature import node_id_of
 from ..runtime.log import warn_once
 from .pruning import LAYERS, PruningSettings, install, supports
@@ -38,6 +39,7 @@ class SpeculativeCacheTokenPruning(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, ratio=0.5, refresh_interval=3, layers="self-attention") -> io.NodeOutput:
+        require_finite("Speculative Cache Token Pruning", ratio=ratio, refresh_interval=refresh_interval)
         if layers not in LAYERS:
             raise ValueError(f"Speculative Cache Token Pruning: layers must be one of {list(LAYERS)}, got {layers!r}")
         if not (0.0 <= float(ratio) < 1.0) or int(refresh_interval) < 1:

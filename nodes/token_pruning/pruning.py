@@ -21,8 +21,10 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ...cache_core.schedule import step_index
 from ...cache_core.token_pruning import TokenCache, kept_count, select_dynamic, served_output
 from ...cache_core.tokens import gather_tokens, scatter_tokens
+from ..runtime import guard
 from ..runtime.feature import Feature, FeatureRun
 from ..runtime.log import log, warn_once
+from ..runtime.model_call import find_transformer_options, sampler_sigmas
 
 PRUNING = Feature("speculative_cache_pruning", "Speculative Cache Token Pruning")
 LAYERS = {"self-attention": ("attn1",), "self- and cross-attention": ("attn1", "attn2")}
@@ -100,25 +102,30 @@ def _attention_patch(which):
         run = PRUNING.run_in(extra)
         if run is None or run.stats.disabled or n.ndim != 3:
             return n, context, value
-        cache = run.caches.setdefault(_cache_key(which, n, extra), TokenCache())
-        run.stats.attention_calls += 1
-        run.stats.query_tokens += n.shape[0] * n.shape[1]
-        keep = kept_count(n.shape[1], run.settings.ratio)
-        if not (run.prunes_step(extra) and cache.fits(n)) or keep >= n.shape[1]:
-            cache.pending = None
-            cache.reference = n.detach()
-            run.stats.computed_tokens += n.shape[0] * n.shape[1]
-            return n, context, value
-        idx = select_dynamic(n, cache.reference, keep)
-        queries = gather_tokens(n, idx)
-        cache.reference = scatter_tokens(cache.reference, idx, queries)
-        cache.pending = idx
-        run.stats.pruned_calls += 1
-        run.stats.computed_tokens += idx.numel()
-        # Self-attention's keys and values still come from every token (context is n).
-        return queries, context, value
+        with guard.ours():
+            return _prune_queries(which, run, n, context, value, extra)
     patch.speculative_cache_pruning = which
     return patch
+
+
+def _prune_queries(which, run, n, context, value, extra):
+    cache = run.caches.setdefault(_cache_key(which, n, extra), TokenCache())
+    run.stats.attention_calls += 1
+    run.stats.query_tokens += n.shape[0] * n.shape[1]
+    keep = kept_count(n.shape[1], run.settings.ratio)
+    if not (run.prunes_step(extra) and cache.fits(n)) or keep >= n.shape[1]:
+        cache.pending = None
+        cache.reference = n.detach()
+        run.stats.computed_tokens += n.shape[0] * n.shape[1]
+        return n, context, value
+    idx = select_dynamic(n, cache.reference, keep)
+    queries = gather_tokens(n, idx)
+    cache.reference = scatter_tokens(cache.reference, idx, queries)
+    cache.pending = idx
+    run.stats.pruned_calls += 1
+    run.stats.computed_tokens += idx.numel()
+    # Self-attention's keys and values still come from every token (context is n).
+    return queries, context, value
 
 
 def _output_patch(which):
@@ -127,27 +134,51 @@ def _output_patch(which):
         run = PRUNING.run_in(extra)
         if run is None or run.stats.disabled or out.ndim != 3:
             return out
-        cache = run.caches.get(_cache_key(which, out, extra))
-        if cache is None:
-            return out
-        idx, cache.pending = cache.pending, None
-        if idx is None:
-            cache.output = out.detach()
-            return out
-        if out.shape[1] != idx.shape[1] or cache.output is None:
-            # Another patch changed the token count between ours for this call only (ToMe's
-            # changes are caught earlier: the cache's shapes stop fitting and that layer is not
-            # pruned). The call cannot be completed from the cache: stop pruning for the run.
-            run.disable(f"another attention patch changed the token count ({out.shape[1]} tokens, "
-                        f"{idx.shape[1]} computed)")
-            return out
-        cache.output = served_output(cache.output, idx, out)
-        return cache.output
+        with guard.ours():
+            return _serve_output(which, run, out, extra)
     patch.speculative_cache_pruning = which
     return patch
 
 
-outer_sample_wrapper = PRUNING.sampling_wrapper(lambda guider, settings, args, kwargs: PruningRun(settings, args[3]))
+def _serve_output(which, run, out, extra):
+    cache = run.caches.get(_cache_key(which, out, extra))
+    if cache is None:
+        return out
+    idx, cache.pending = cache.pending, None
+    if idx is None:
+        cache.output = out.detach()
+        return out
+    if out.shape[1] != idx.shape[1] or cache.output is None:
+        # Another patch changed the token count between ours for this call only (ToMe's
+        # changes are caught earlier: the cache's shapes stop fitting and that layer is not
+        # pruned). The call cannot be completed from the cache: stop pruning for the run.
+        run.disable(f"another attention patch changed the token count ({out.shape[1]} tokens, "
+                    f"{idx.shape[1]} computed)")
+        return out
+    cache.output = served_output(cache.output, idx, out)
+    return cache.output
+
+
+outer_sample_wrapper = PRUNING.sampling_wrapper(
+    lambda guider, settings, args, kwargs: PruningRun(settings, sampler_sigmas(args, kwargs)))
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """The containment rule for the pruning's attention patches, which run inside the U-Net's
+    forward: an error of theirs (the model's, the user's graph's) passes unchanged; an error of
+    ours ends the pruning for the run and the call is made again, unpruned, on its intact inputs
+    (the first attempt had private copies of the ControlNet residual lists the U-Net pops)."""
+    run = PRUNING.run_in(find_transformer_options(args, kwargs))
+    if run is None or run.stats.disabled:
+        return executor(*args, **kwargs)
+    attempt_args, attempt_kwargs = guard.private_inputs(args, kwargs)
+    try:
+        return guard.theirs(executor, *attempt_args, **attempt_kwargs)
+    except Exception as e:
+        if guard.passes_through(e):
+            raise
+        run.disable(f"internal error: {type(e).__name__}: {e}")
+        return executor(*args, **kwargs)
 
 
 def supports(diffusion_model) -> bool:
@@ -155,7 +186,8 @@ def supports(diffusion_model) -> bool:
 
 
 def install(model, settings: PruningSettings):
-    m = PRUNING.install(model, settings, {"OUTER_SAMPLE": outer_sample_wrapper})
+    m = PRUNING.install(model, settings, {"OUTER_SAMPLE": outer_sample_wrapper,
+                                          "DIFFUSION_MODEL": diffusion_model_wrapper})
     patches = m.model_options["transformer_options"].get("patches", {})
     # A second node of ours replaces the first one's patches.
     for name in ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch"):

@@ -91,3 +91,18 @@ def test_a_legacy_graph_migrates_to_options_it_set(recipe, families):
     legacy = recipe.legacy_config(families.BY_NAME["flux"], {"order": 3, "threshold": 0.3})
     r = recipe.resolve(migrated["mode"], migrated["speed"], 0.0, 1.0, families.BY_NAME["flux"], migrated["options"])
     assert r.config == legacy
+
+
+@pytest.mark.parametrize("kwargs, name", [({"speed": float("nan")}, "speed"), ({"speed": float("inf")}, "speed"),
+                                          ({"speed": 1.5}, "speed"), ({"start_percent": float("nan")}, "start_percent"),
+                                          ({"end_percent": float("-inf")}, "end_percent")])
+def test_the_main_nodes_numbers_are_refused_by_name_when_not_finite_or_out_of_range(recipe, families, kwargs, name):
+    args = dict({"speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}, **kwargs)
+    with pytest.raises(ValueError, match=name):
+        recipe.resolve("auto", args["speed"], args["start_percent"], args["end_percent"], families.BY_NAME["flux"], {})
+
+
+@pytest.mark.parametrize("name", ["threshold", "memory_budget_mb", "target_speedup", "order"])
+def test_an_options_value_that_is_not_finite_is_refused_by_name(recipe, families, name):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        recipe.resolve("auto", 0.5, 0.0, 1.0, families.BY_NAME["flux"], {name: float("nan")})

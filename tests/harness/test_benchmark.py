@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from conftest import require
+
 from benchmarks.metrics import psnr, ssim
 
 
@@ -22,7 +24,7 @@ def test_psnr_known_values():
 
 
 def test_ssim_matches_the_reference_implementation():
-    skm = pytest.importorskip("skimage.metrics")
+    skm = require("skimage.metrics")
     g = torch.Generator().manual_seed(0)
     a = torch.rand(64, 64, generator=g)
     b = (a + 0.1 * torch.randn(64, 64, generator=g)).clamp(0, 1)
@@ -131,7 +133,7 @@ def _descriptor(img):
 def test_reference_model_samples_look_like_their_training_class(spec_nodes):
     """Sampled through ComfyUI's real sampler, each sample's statistics are nearest to the
     real crops of its own class far more often than chance (1/8)."""
-    skimage = pytest.importorskip("skimage")  # the training photographs ship with scikit-image
+    skimage = require("skimage")  # the training photographs ship with scikit-image
     del skimage
     from devkit import reference_model as rm
     photos = rm.load_photos()

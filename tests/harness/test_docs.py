@@ -4,7 +4,6 @@ resolves to a file of the repository."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from devkit.comfy_env import PACK_ROOT
 

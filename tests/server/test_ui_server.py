@@ -23,12 +23,15 @@ def server():
     srv.stop()
 
 
-def run_prompt(server, prompt, timeout=120):
+def run_prompt(server, prompt, timeout=120, queue_as_client=True):
+    """Queue ``prompt`` (with this websocket client's id, or with none) and collect the events
+    this client receives until the prompt has finished."""
     import websocket
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=timeout)
     try:
-        answer = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        body = {"prompt": prompt, "client_id": client_id} if queue_as_client else {"prompt": prompt}
+        answer = server.post("/prompt", body)
         prompt_id = answer["prompt_id"]
         events = []
         deadline = time.time() + timeout
@@ -42,6 +45,10 @@ def run_prompt(server, prompt, timeout=120):
             if msg["type"] == "execution_error":
                 raise AssertionError(f"execution error: {data}\n{server.log()}")
             if msg["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+            if not queue_as_client and msg["type"] == "status" and \
+                    data.get("status", {}).get("exec_info", {}).get("queue_remaining") == 0 and \
+                    server.get(f"/history/{prompt_id}").get(prompt_id):
                 break
         else:
             raise AssertionError("prompt did not finish\n" + server.log())
@@ -77,6 +84,35 @@ def test_stats_events_follow_the_run(server):
     history = server.get(f"/history/{prompt_id}")[prompt_id]
     assert history["status"]["completed"]
     assert "finite=True" in history["outputs"]["5"]["text"][0]
+
+
+def test_stats_go_only_to_the_client_that_queued_the_prompt(server):
+    """A second websocket client that queued nothing receives none of the run's stats (ComfyUI's
+    own progress events go to the queuing client too); the queuing client's stats carry the
+    prompt's id; a prompt queued without a client id sends its stats to nobody."""
+    import websocket
+    other_id = uuid.uuid4().hex
+    other = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={other_id}", timeout=5)
+    try:
+        inputs = dict(sc_defaults(server), threshold=5.0)
+        prompt_id, events = run_prompt(server, api_graph(inputs, steps=8))
+        mine = [e["data"] for e in events if e["type"] == "speculative_cache.stats"]
+        assert len(mine) == 9 and all(s["prompt_id"] == prompt_id for s in mine)
+        _, events = run_prompt(server, api_graph(inputs, steps=8, seed=4), queue_as_client=False)
+        assert not [e for e in events if e["type"] == "speculative_cache.stats"]
+        seen_by_other = []
+        other.settimeout(0.5)
+        while True:
+            try:
+                msg = other.recv()
+            except websocket.WebSocketTimeoutException:
+                break
+            if isinstance(msg, str):
+                seen_by_other.append(json.loads(msg)["type"])
+        assert "status" in seen_by_other                      # it was connected and listening
+        assert "speculative_cache.stats" not in seen_by_other, seen_by_other
+    finally:
+        other.close()
 
 
 def test_main_node_with_options_node_runs_through_the_server(server):
@@ -198,3 +234,57 @@ def test_out_of_range_inputs_are_refused_with_the_input_name(server, name, value
     assert status["status_str"] == "error" and not status["completed"]
     error = next(m[1] for m in status["messages"] if m[0] == "execution_error")
     assert error["node_id"] == "10" and name in error["exception_message"]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("node, name, value", [
+    ("main", "speed", NAN), ("main", "speed", INF), ("main", "start_percent", NAN),
+    ("options", "threshold", NAN), ("options", "memory_budget_mb", NAN), ("options", "target_speedup", NAN),
+    ("options", "threshold_decay", INF),
+    ("edit_region", "margin", NAN), ("token_pruning", "ratio", NAN)])
+def test_nan_and_infinite_inputs_are_refused_with_the_input_name(server, node, name, value):
+    """NaN passes ComfyUI's own min/max check (every comparison with it is false): the node
+    refuses it, and an infinite value, with an error that names the input, before sampling."""
+    import websocket
+    main = {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
+    if node == "main":
+        graph = api_graph(dict(main, **{name: value}), steps=4, sc_type="SpeculativeCacheSimple")
+    elif node == "options":
+        opts = widget_defaults(server.get("/object_info/SpeculativeCacheAdvancedOptions")["SpeculativeCacheAdvancedOptions"])
+        graph = api_graph(main, steps=4, sc_type="SpeculativeCacheSimple", options=dict(opts, **{name: value}))
+    else:
+        kind = {"edit_region": "SpeculativeCacheEditRegion", "token_pruning": "SpeculativeCacheTokenPruning"}[node]
+        inputs = dict(widget_defaults(server.get(f"/object_info/{kind}")[kind]), **{name: value})
+        graph = api_graph({}, steps=4, sc_type=kind)
+        graph["10"]["inputs"].update(inputs)
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=60)
+    try:
+        req = urllib_request(server, {"prompt": graph, "client_id": client_id})
+        if isinstance(req, dict) and "node_errors" in req:       # refused by ComfyUI's validation
+            assert name in json.dumps(req["node_errors"]), req
+            return
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            msg = json.loads(msg)
+            if msg["type"] == "execution_error":
+                assert name in msg["data"]["exception_message"], msg["data"]["exception_message"]
+                assert "finite" in msg["data"]["exception_message"] or "[0, 1]" in msg["data"]["exception_message"]
+                return
+            if msg["type"] == "executing" and msg["data"].get("node") is None:
+                raise AssertionError(f"{name}={value} ran")
+    finally:
+        ws.close()
+
+
+def urllib_request(server, body):
+    """POST /prompt; the answer, or the error body when ComfyUI refuses the prompt."""
+    import urllib.error
+    try:
+        return server.post("/prompt", body)
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())

@@ -97,10 +97,11 @@ function makePanel() {
     "color:var(--input-text, #ddd);pointer-events:none;";
   const text = document.createElement("div");
   text.className = "speculative-cache-summary";
+  text.style.cssText = "flex:none;";
   text.textContent = "Speculative Cache: waiting for a run";
   const strip = document.createElement("div");
   strip.className = "speculative-cache-timeline";
-  strip.style.cssText = "display:flex;height:12px;min-height:12px;gap:1px;";
+  strip.style.cssText = "display:flex;flex:none;height:12px;min-height:12px;gap:1px;";
   const chart = document.createElementNS(SVG, "svg");
   chart.setAttribute("class", "speculative-cache-chart");
   chart.setAttribute("viewBox", "0 0 100 30");
@@ -114,11 +115,12 @@ function makePanel() {
   yLabel.textContent = "error (log)";
   yLabel.style.cssText = "writing-mode:vertical-rl;transform:rotate(180deg);font-size:10px;opacity:.8;text-align:center;";
   const plot = document.createElement("div");
-  plot.style.cssText = "display:flex;gap:2px;align-items:stretch;";
+  plot.style.cssText = "display:flex;flex:none;gap:2px;align-items:stretch;";
   plot.append(yLabel, chart);
   const legend = document.createElement("div");
   legend.className = "speculative-cache-legend";
-  legend.style.cssText = "display:flex;justify-content:space-between;font-size:10px;opacity:.9;";
+  // (flex:none throughout: where a frontend gives the widget less room, nothing shrinks to nothing)
+  legend.style.cssText = "display:flex;flex:none;justify-content:space-between;font-size:10px;opacity:.9;";
   legend.innerHTML =
     `<span class="speculative-cache-axis-x">steps →</span>` +
     `<span><span style="color:${COLORS.F}">■</span> under tolerance ` +
@@ -244,8 +246,18 @@ app.registerExtension({
     };
   },
   async setup() {
+    // The server sends the stats only to the client that queued the prompt; the panel also shows
+    // only prompts this tab saw start (ComfyUI's execution_start goes to the queuing client too),
+    // so a run of someone else's never draws on a node of this tab's graph.
+    const ownPrompts = [];
+    api.addEventListener("execution_start", ({ detail }) => {
+      if (!detail?.prompt_id) return;
+      ownPrompts.push(detail.prompt_id);
+      if (ownPrompts.length > 64) ownPrompts.shift();
+    });
     api.addEventListener(EVENT, ({ detail }) => {
       try {
+        if (!ownPrompts.includes(detail?.prompt_id)) return;
         const node = app.graph?.getNodeById?.(Number(detail?.node)) ?? app.graph?.getNodeById?.(detail?.node);
         if (!node) return;
         node.speculativeCacheStats = detail;
