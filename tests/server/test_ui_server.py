@@ -262,20 +262,22 @@ def test_nan_and_infinite_inputs_are_refused_with_the_input_name(server, node, n
     client_id = uuid.uuid4().hex
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=60)
     try:
-        req = urllib_request(server, {"prompt": graph, "client_id": client_id})
-        if isinstance(req, dict) and "node_errors" in req:       # refused by ComfyUI's validation
-            assert name in json.dumps(req["node_errors"]), req
+        answer = urllib_request(server, {"prompt": graph, "client_id": client_id})
+        if "prompt_id" not in answer:                            # refused by ComfyUI's validation
+            assert name in json.dumps(answer.get("node_errors")), answer
             return
+        prompt_id = answer["prompt_id"]
         while True:
             msg = ws.recv()
             if isinstance(msg, bytes):
                 continue
             msg = json.loads(msg)
-            if msg["type"] == "execution_error":
+            if msg["type"] == "execution_error" and msg["data"].get("prompt_id") == prompt_id:
                 assert name in msg["data"]["exception_message"], msg["data"]["exception_message"]
                 assert "finite" in msg["data"]["exception_message"] or "[0, 1]" in msg["data"]["exception_message"]
                 return
-            if msg["type"] == "executing" and msg["data"].get("node") is None:
+            if msg["type"] == "executing" and msg["data"].get("node") is None and \
+                    msg["data"].get("prompt_id") == prompt_id:
                 raise AssertionError(f"{name}={value} ran")
     finally:
         ws.close()
