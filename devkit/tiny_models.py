@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import torch
 
+def _tiny_wan(model_type: str, in_dim: int, out_dim: int = 16, num_layers: int = 3, **extra) -> dict:
+    """The config of a tiny Wan 2.1-architecture model (every Wan variant below: width 64, 4 heads)."""
+    return dict(image_model="wan2.1", model_type=model_type, patch_size=(1, 2, 2), text_len=16, in_dim=in_dim,
+                dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=out_dim, num_heads=4,
+                num_layers=num_layers, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                **extra)
+
+
 CONFIGS = {
     "flux": dict(
         cls="Flux", latent=(1, 16, 16, 16),
@@ -49,38 +57,27 @@ CONFIGS = {
         extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 4.0}),
     "wan21": dict(
         cls="WAN21_T2V", latent=(1, 16, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        unet=_tiny_wan("t2v", in_dim=16),
         extras=lambda g: {}),
     # image to video by channel concatenation: 16 latent + 4 mask + 16 image channels in, 16 out
     "wan21_i2v": dict(
         cls="WAN21_I2V", latent=(1, 16, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="i2v", patch_size=(1, 2, 2), text_len=16, in_dim=36,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        unet=_tiny_wan("i2v", in_dim=36),
         extras=lambda g: {}),
     # VACE: 2 VACE blocks fed by the control video (zeros and a full mask when the graph gives none)
     "wan21_vace": dict(
         cls="WAN21_Vace", latent=(1, 16, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="vace", patch_size=(1, 2, 2), text_len=16, in_dim=16,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=4,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, vace_layers=2,
-                  vace_in_dim=96),
+        unet=_tiny_wan("vace", in_dim=16, num_layers=4, vace_layers=2, vace_in_dim=96),
         extras=lambda g: {}),
     # Camera control (Wan 2.1 Fun camera): the camera adapter adds to the embedded input, before
     # the blocks; 16 latent + 16 reference-image channels in
     "wan21_camera": dict(
         cls="WAN21_Camera", latent=(1, 16, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="camera", patch_size=(1, 2, 2), text_len=16, in_dim=32,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6, in_dim_control_adapter=24),
+        unet=_tiny_wan("camera", in_dim=32, in_dim_control_adapter=24),
         extras=lambda g: {}),
     "wan22": dict(
         cls="WAN22_T2V", latent=(1, 48, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=48,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=48, num_heads=4, num_layers=3,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        unet=_tiny_wan("t2v", in_dim=48, out_dim=48),
         extras=lambda g: {}),
     "qwen_image": dict(
         cls="QwenImage", latent=(1, 16, 1, 16, 16),
@@ -148,9 +145,7 @@ CONFIGS = {
     # Block level: Wan SCAIL (the pose tokens, when given, ride in img; 16 latent + 4 mask channels in)
     "wan21_scail": dict(
         cls="WAN21_SCAIL", latent=(1, 16, 3, 8, 8),
-        unet=dict(image_model="wan2.1", model_type="scail", patch_size=(1, 2, 2), text_len=16, in_dim=20,
-                  dim=64, ffn_dim=128, freq_dim=256, text_dim=64, out_dim=16, num_heads=4, num_layers=3,
-                  window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+        unet=_tiny_wan("scail", in_dim=20),
         extras=lambda g: {}),
     # JoyImage: its config class fixes rope_dim_list [16, 56, 56], so one head of 128
     "joyimage": dict(
