@@ -210,6 +210,186 @@ CONFIGS = {
 }
 
 
+# ---- Every other diffusion-model class ComfyUI builds -----------------------------------------
+# Tiny builds of the remaining classes in comfy.supported_models.models, for the test that runs
+# every class through the node (tests/comfy/test_comfy_every_model_class.py). Most are a family
+# above with the keys that tell the variant apart (input channels, model_type, a conditioning
+# embedder); the sizes stay tiny.
+
+def _variant(base: str, cls: str, latent=None, **unet) -> dict:
+    """``base``'s tiny build as config class ``cls``, with these config entries changed."""
+    spec = dict(CONFIGS[base], cls=cls, unet=dict(CONFIGS[base]["unet"], **unet))
+    if latent is not None:
+        spec["latent"] = latent
+    return spec
+
+
+def _wan_variant(cls: str, model_type: str, in_dim: int, **extra) -> dict:
+    return dict(cls=cls, latent=(1, 16, 3, 8, 8), unet=_tiny_wan(model_type, in_dim=in_dim, **extra), extras=lambda g: {})
+
+
+def _stable_audio_number_embedders(features_type: str | None = None):
+    """Stable Audio's seconds_start/seconds_total embedders come from the checkpoint when the
+    model is built: random ones of the shape the class expects."""
+    def state_dict(g):
+        from comfy.ldm.audio.embedders import NumberConditioner
+        out = {}
+        for which in ("seconds_start", "seconds_total"):
+            kind = {} if features_type is None else {"fourier_features_type": features_type}   # 0.29's Stable Audio 3
+            made = NumberConditioner(768, min_val=0, max_val=512, **kind)
+            for k, v in made.state_dict().items():
+                out[f"conditioner.conditioners.{which}.{k}"] = torch.randn(v.shape, generator=g) * 0.02
+        return out
+    return state_dict
+
+
+# SD2.x's and SVD's classes fix 64 channels per head: 64 channels at the first level
+_SD2 = dict(use_linear_in_transformer=True, model_channels=64)
+_SVD = dict(_SD2, in_channels=8, adm_in_channels=768, num_classes="sequential", use_temporal_resblock=True,
+            use_temporal_attention=True, extra_ff_mix_layer=True, merge_strategy="learned_with_images",
+            merge_factor=0.0, video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False)
+_COSMOS_PREDICT2 = dict(image_model="cosmos_predict2", max_img_h=16, max_img_w=16, max_frames=4, in_channels=16,
+                        out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2, num_heads=4,
+                        concat_padding_mask=True, crossattn_emb_channels=64, pos_emb_cls="rope3d",
+                        pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30,
+                        use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
+                        rope_enable_fps_modulation=False)
+_COSMOS = dict(image_model="cosmos", max_img_h=16, max_img_w=16, max_frames=4, in_channels=16, out_channels=16,
+               patch_spatial=2, patch_temporal=1, model_channels=64, block_config="FA-CA-MLP", concat_padding_mask=True,
+               pos_emb_cls="rope3d", pos_emb_learnable=False, pos_emb_interpolation="crop", block_x_format="THWBD",
+               affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=16, num_blocks=2, num_heads=4,
+               extra_per_block_abs_pos_emb=True, extra_per_block_abs_pos_emb_type="learnable",
+               crossattn_emb_channels=64)
+_HUNYUAN3D = dict(image_model="hunyuan3d2", in_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+                  num_heads=4, depth=1, depth_single_blocks=1, qkv_bias=True, guidance_embed=True)
+# Stable Audio: rotary embedding over at least 32 of each head's channels, so heads of 64;
+# its cross-attention takes the text joined with 768-wide seconds embeddings
+_STABLE_AUDIO = dict(audio_model="dit1.0", io_channels=64, embed_dim=128, depth=2, num_heads=2, cond_token_dim=768,
+                     project_cond_tokens=True, global_cond_dim=1536, input_concat_dim=0)
+# PixArt: its position table needs (height + width) / 2 >= 48 latent pixels; alpha's size
+# conditioning splits the width in three
+_PIXART = dict(input_size=48, patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4, caption_channels=64,
+               model_max_length=8, pe_interpolation=1.0)
+
+CONFIGS.update({
+    # U-Nets
+    "sd15_instructpix2pix": _variant("sd15", "SD15_instructpix2pix", in_channels=8),
+    "sd20": _variant("sd15", "SD20", **_SD2),
+    "sd21_unclip_l": _variant("sd15", "SD21UnclipL", **_SD2, adm_in_channels=1536, num_classes="sequential"),
+    "sd21_unclip_h": _variant("sd15", "SD21UnclipH", **_SD2, adm_in_channels=2048, num_classes="sequential"),
+    "lotus": _variant("sd15", "LotusD", **_SD2, adm_in_channels=4, num_classes="sequential"),
+    "zero123": dict(_variant("sd15", "Stable_Zero123", in_channels=8),       # its projection comes from the checkpoint
+                    state_dict=lambda g: {"cc_projection.weight": torch.randn(64, 64, generator=g) * 0.02,
+                                          "cc_projection.bias": torch.zeros(64)}),
+    # the x4 upscaler's class switches self-attention off per level: four levels
+    "sd_x4_upscaler": _variant("sd15", "SD_X4Upscaler", in_channels=7, use_linear_in_transformer=True,
+                               channel_mult=[1, 1, 2, 2], num_res_blocks=[1, 1, 1, 1], transformer_depth=[1, 1, 1, 1],
+                               transformer_depth_output=[1] * 8),
+    "sdxl_instructpix2pix": _variant("sdxl", "SDXL_instructpix2pix", in_channels=8),
+    "sdxl_refiner": _variant("sdxl", "SDXLRefiner", adm_in_channels=64 + 5 * 256),
+    "ssd1b": _variant("sdxl", "SSD1B"),
+    "koala_700m": _variant("sdxl", "KOALA_700M"),
+    "koala_1b": _variant("sdxl", "KOALA_1B"),
+    "segmind_vega": _variant("sdxl", "Segmind_Vega"),
+    "svd": _variant("sd15", "SVD_img2vid", **_SVD),
+    "sv3d_u": _variant("sd15", "SV3D_u", **dict(_SVD, adm_in_channels=256)),
+    "sv3d_p": _variant("sd15", "SV3D_p", **dict(_SVD, adm_in_channels=1280)),
+    "stable_cascade_c": dict(cls="Stable_Cascade_C", latent=(1, 16, 8, 8),
+        unet=dict(stable_cascade_stage="c", c_cond=64, c_hidden=[64, 64], nhead=[4, 4], blocks=[[1, 1], [1, 1]],
+                  c_clip_text=64, c_clip_text_pooled=32, c_r=16),
+        extras=lambda g: {"pooled_output": torch.randn(1, 1, 32, generator=g)}),
+    "stable_cascade_b": dict(cls="Stable_Cascade_B", latent=(1, 4, 16, 16),
+        unet=dict(stable_cascade_stage="b", c_cond=64, c_hidden=[32, 64, 64, 64], nhead=[-1, -1, 4, 4],
+                  blocks=[[1, 1, 1, 1], [1, 1, 1, 1]], block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]], c_clip=32, c_r=16),
+        extras=lambda g: {"pooled_output": torch.randn(1, 1, 32, generator=g)}),
+    # FLUX and HunyuanVideo relatives
+    "flux_schnell": _variant("flux", "FluxSchnell", guidance_embed=False),
+    "longcat_image": _variant("flux", "LongCatImage", guidance_embed=False, vec_in_dim=None, txt_ids_dims=[1, 2]),
+    "chroma_radiance": _variant("chroma", "ChromaRadiance", latent=(1, 3, 32, 32), image_model="chroma_radiance",
+                                in_channels=3, out_channels=3, patch_size=4, nerf_hidden_size=16, nerf_mlp_ratio=2,
+                                nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=512, nerf_final_head_type="linear",
+                                nerf_embedder_dtype=torch.float32, use_x0=False, use_sequential_txt_ids=False),
+    "hunyuan_video_i2v": _variant("hunyuan_video", "HunyuanVideoI2V", in_channels=33),
+    "hunyuan_video_skyreels_i2v": _variant("hunyuan_video", "HunyuanVideoSkyreelsI2V", in_channels=32),
+    "hunyuan_video15_sr": _variant("hunyuan_video15", "HunyuanVideo15_SR_Distilled", in_channels=98),
+    "hunyuan_image21": _variant("hunyuan_video", "HunyuanImage21", latent=(1, 64, 8, 8), in_channels=64,
+                                out_channels=64, vec_in_dim=None, guidance_embed=False, patch_size=[1, 1], axes_dim=[8, 8]),
+    "hunyuan_image21_refiner": _variant("hunyuan_video", "HunyuanImage21Refiner", latent=(1, 64, 3, 8, 8),
+                                        in_channels=128, out_channels=64, vec_in_dim=None, patch_size=[1, 1, 1],
+                                        guidance_embed=False),
+    "hunyuan3d2": dict(cls="Hunyuan3Dv2", latent=(1, 64, 32), unet=_HUNYUAN3D, extras=lambda g: {}),
+    "hunyuan3d2_mini": dict(cls="Hunyuan3Dv2mini", latent=(1, 64, 32), unet=_HUNYUAN3D, extras=lambda g: {}),
+    "hunyuan3d2_1": dict(cls="Hunyuan3Dv2_1", latent=(1, 64, 32),
+        unet=dict(image_model="hunyuan3d2_1", in_channels=64, context_dim=64, hidden_size=64, mlp_ratio=4.0,
+                  num_heads=4, depth=2, qkv_bias=False),
+        extras=lambda g: {}),
+    # Wan relatives
+    "wan21_fun_control": _wan_variant("WAN21_FunControl2V", "i2v", 48),
+    "wan22_camera": _wan_variant("WAN22_Camera", "camera_2.2", 36, in_dim_control_adapter=24),
+    "wan22_s2v": _wan_variant("WAN22_S2V", "s2v", 16),
+    "wan21_humo": _wan_variant("WAN21_HuMo", "humo", 16),
+    "wan22_animate": _wan_variant("WAN22_Animate", "animate", 16),
+    "wan21_causal_ar": _wan_variant("WAN21_CausalAR_T2V", "t2v", 16, causal_ar=True),      # ComfyUI >= 0.29
+    "wan21_flow_rvs": _wan_variant("WAN21_FlowRVS", "flow_rvs", 16),
+    "wan21_scail2": _wan_variant("WAN21_SCAIL2", "scail2", 20),
+    "wan22_wandancer": _wan_variant("WAN22_WanDancer", "wandancer", 36),
+    "cogvideox_i2v": _variant("cogvideox", "CogVideoX_I2V", in_channels=32),
+    "cogvideox_inpaint": _variant("cogvideox", "CogVideoX_Inpaint", in_channels=48),
+    # Kandinsky 5 video: latent, image latent and mask joined per patch (33 x 4 channels)
+    "kandinsky5_video": _variant("kandinsky5", "Kandinsky5", latent=(1, 16, 3, 8, 8), visual_embed_dim=132),
+    "zimage_pixel": _variant("zimage", "ZImagePixelSpace", latent=(1, 3, 32, 32), image_model="zimage_pixel",
+                             patch_size=4, in_channels=3, decoder_in_channels=48, decoder_hidden_size=32,
+                             decoder_num_res_blocks=1, decoder_max_freqs=4),
+    # Other DiTs
+    "pixart_alpha": dict(cls="PixArtAlpha", latent=(1, 4, 48, 48), min_side=48,
+        unet=dict(_PIXART, image_model="pixart_alpha", micro_condition=True), extras=lambda g: {}),
+    "pixart_sigma": dict(cls="PixArtSigma", latent=(1, 4, 48, 48), min_side=48,
+        unet=dict(_PIXART, image_model="pixart_sigma", micro_condition=False, hidden_size=64), extras=lambda g: {}),
+    "hunyuan_dit": dict(cls="HunyuanDiT", latent=(1, 4, 16, 16),
+        unet=dict(image_model="hydit", input_size=(16, 16), patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                  num_heads=4, text_states_dim=64, text_states_dim_t5=64, text_len=8, text_len_t5=8, learn_sigma=True),
+        extras=lambda g: {"conditioning_mt5xl": torch.randn(1, 8, 64, generator=g), "attention_mask": torch.ones(1, 8),
+                          "attention_mask_mt5xl": torch.ones(1, 8)}),
+    # HiDream: one projection per Llama layer it reads (here 2: one per block) plus one for T5
+    "hidream": dict(cls="HiDream", latent=(1, 16, 16, 16),
+        unet=dict(image_model="hidream", attention_head_dim=16, axes_dims_rope=[8, 4, 4], caption_channels=[64, 64],
+                  max_resolution=[16, 16], in_channels=16, out_channels=16, llama_layers=[0, 1], num_attention_heads=4,
+                  num_routed_experts=4, num_activated_experts=2, num_layers=1, num_single_layers=1, patch_size=2,
+                  text_emb_dim=32),
+        extras=lambda g: {"pooled_output": torch.randn(1, 32, generator=g),
+                          "conditioning_llama3": torch.randn(1, 2, 8, 64, generator=g)}),
+    "cosmos_t2v": dict(cls="CosmosT2V", latent=(1, 16, 1, 8, 8), unet=_COSMOS, extras=lambda g: {}),
+    "cosmos_i2v": dict(cls="CosmosI2V", latent=(1, 16, 1, 8, 8), unet=dict(_COSMOS, in_channels=17),
+                       extras=lambda g: {}),
+    "cosmos_predict2_t2i": dict(cls="CosmosT2IPredict2", latent=(1, 16, 1, 8, 8), unet=_COSMOS_PREDICT2,
+                                extras=lambda g: {}),
+    "cosmos_predict2_i2v": dict(cls="CosmosI2VPredict2", latent=(1, 16, 1, 8, 8),
+                                unet=dict(_COSMOS_PREDICT2, in_channels=17), extras=lambda g: {}),
+    "anima": dict(cls="Anima", latent=(1, 16, 1, 8, 8), unet=dict(_COSMOS_PREDICT2, image_model="anima"),
+                  extras=lambda g: {}),
+    "omnigen2": dict(cls="Omnigen2", latent=(1, 16, 16, 16),
+        unet=dict(image_model="omnigen2", axes_dim_rope=(4, 6, 6), axes_lens=(64, 64, 64), ffn_dim_multiplier=None,
+                  hidden_size=64, in_channels=16, multiple_of=16, norm_eps=1e-5, num_attention_heads=4, num_kv_heads=4,
+                  num_layers=2, num_refiner_layers=1, out_channels=None, patch_size=2, text_feat_dim=64,
+                  timestep_scale=1000.0),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    "ideogram4": dict(cls="Ideogram4", latent=(1, 128, 8, 8), sizes_over_class_defaults=True,
+        unet=dict(image_model="ideogram4", in_channels=128, num_layers=2, num_attention_heads=4, attention_head_dim=16,
+                  intermediate_size=128, adaln_dim=32, llm_features_dim=64, rope_theta=10000, mrope_section=[2, 3, 3],
+                  norm_eps=1e-5),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # Audio
+    "stable_audio": dict(cls="StableAudio", latent=(1, 64, 32), unet=_STABLE_AUDIO, extras=lambda g: {},
+                         context_width=768, state_dict=_stable_audio_number_embedders()),
+    "stable_audio3": dict(cls="StableAudio3", latent=(1, 256, 32),
+        unet=dict(_STABLE_AUDIO, io_channels=256, global_cond_dim=768, global_cond_shared_embed=True,
+                  global_cond_type="adaLN", timestep_features_type="learned"),
+        extras=lambda g: {}, context_width=768, state_dict=_stable_audio_number_embedders("learned")),
+})
+# Hunyuan-DiT 1.0: Hunyuan-DiT with image-size and style conditioning
+CONFIGS["hunyuan_dit1"] = _variant("hunyuan_dit", "HunyuanDiT1", image_model="hydit1", size_cond=True, use_style_cond=True)
+
+
 # Fields that newer ComfyUI versions made required in a family's params dataclass, with
 # the value that keeps the older behaviour (ComfyUI 0.8.0's model_detection sets these for
 # FLUX.1, Chroma and HunyuanVideo checkpoints). Filled only where the running version
@@ -220,7 +400,9 @@ _PARAMS_CLASSES = {
     "flux_fill": ("comfy.ldm.flux.model", "FluxParams"),
     "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams"),
+    "chroma_radiance": ("comfy.ldm.chroma_radiance.model", "ChromaRadianceParams"),
 }
+_NEWER_FIELDS = {"use_x0", "use_sequential_txt_ids"}     # left out where the running version lacks them
 _NEW_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "use_cond_type_embedding": False,
                "vision_in_dim": None, "meanflow_sum": False}
 
@@ -236,6 +418,9 @@ def complete_unet_config(unet: dict) -> dict:
     out = dict(unet)
     if params is None or not dataclasses.is_dataclass(params):
         return out
+    declared = {f.name for f in dataclasses.fields(params)}
+    for name in _NEWER_FIELDS - declared:
+        out.pop(name, None)
     for f in dataclasses.fields(params):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in out and f.name in _NEW_FIELDS:
@@ -264,12 +449,18 @@ def build(name: str, seed: int = 0, depth: int | None = None, single: int | None
     if single is not None:
         unet["depth_single_blocks"] = single
     cfg = getattr(sm, spec["cls"])(complete_unet_config(unet))
+    if spec.get("sizes_over_class_defaults"):
+        # The class's unet_extra_config fixes full-size dimensions (Ideogram 4): the tiny ones win
+        cfg.unet_config.update(unet)
     if weight_dtype is None:
         cfg.set_inference_dtype(torch.float32, None)
     else:
         cfg.set_inference_dtype(weight_dtype, torch.float32)   # stored low, computed in float32
-    model = cfg.get_model({}, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
+    # A few classes take tensors from the checkpoint when they are built (Zero123's projection)
+    state_dict = spec["state_dict"](g) if "state_dict" in spec else {}
+    with torch.no_grad():            # as ComfyUI's executor runs its loaders (0.3.64's Zero123 copies in place)
+        model = cfg.get_model(state_dict, device=torch.device("cpu"))
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
@@ -303,24 +494,30 @@ def load_into(cfg, state_dict=None):
 def conditioning(name: str, seed: int = 1, tokens: int = 8):
     g = torch.Generator().manual_seed(seed)
     extras = CONFIGS[name]["extras"]
-    positive = [[torch.randn(1, tokens, 64, generator=g), extras(g)]]
-    negative = [[torch.randn(1, tokens, 64, generator=g) * 0.5, extras(g)]]
+    width = CONFIGS[name].get("context_width", 64)
+    positive = [[torch.randn(1, tokens, width, generator=g), extras(g)]]
+    negative = [[torch.randn(1, tokens, width, generator=g) * 0.5, extras(g)]]
     return positive, negative
 
 
-def latent(name: str, batch: int = 1, scale: int = 1):
+def latent(name: str, batch: int = 1, scale: int = 1, max_side: int | None = None):
+    """An empty latent of the model's shape; ``max_side`` caps its height and width (not below
+    the smallest the model takes, its config's ``min_side``)."""
     shape = list(CONFIGS[name]["latent"])
     shape[0] = batch
     shape[-1] *= scale
     shape[-2] *= scale
+    if max_side is not None and len(shape) >= 4:
+        cap = max(max_side, CONFIGS[name].get("min_side", 0))
+        shape[-1], shape[-2] = min(shape[-1], cap), min(shape[-2], cap)
     return torch.zeros(shape)
 
 
 def sample(patcher, name: str, steps: int = 12, cfg: float = 2.0, seed: int = 42,
            sampler: str = "euler", scheduler: str = "simple", batch: int = 1, scale: int = 1,
-           positive=None, negative=None):
+           positive=None, negative=None, max_side: int | None = None):
     import comfy.sample
-    lat = latent(name, batch, scale)
+    lat = latent(name, batch, scale, max_side)
     lat = comfy.sample.fix_empty_latent_channels(patcher, lat)
     noise = comfy.sample.prepare_noise(lat, seed)
     if positive is None:

@@ -1,8 +1,9 @@
-"""Every family in nodes/families.py through ComfyUI's real sampler, with ComfyUI's own model
+"""Every family in cache_core/families.py through ComfyUI's real sampler, with ComfyUI's own model
 class at a tiny size: threshold 0 is bit-identical, forecasts are verified at block level,
 compute drops, a threshold no forecast meets is bit-identical too (every probed forecast
 recomputed), and nothing stays in memory. Families that only exist in newer ComfyUI run
-where it has them; output-level families are checked to still lack block patches."""
+where it has them; output-level families are checked to still lack block patches. The main node
+at speed 0 and at its defaults on every model class: test_comfy_every_model_class.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from devkit import comfy_env
 from devkit import tiny_models as tm
-from conftest import cached, forget_warnings, live_tensor_count, simple
+from conftest import cached, forget_warnings, live_tensor_count
 
 pytestmark = pytest.mark.comfy
 
@@ -62,15 +63,6 @@ def test_family_forecasts_and_verifies_at_block_level(spec_nodes, stats_log, nam
     strict = tm.sample(cached(spec_nodes, m, threshold=1e-9), name, steps=steps)
     s = stats_log[-1]
     assert torch.equal(strict, ref) and s["rejected"] == s["verified"] >= 1
-    main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, steps)
-
-
-def main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, steps):
-    """The main node as a user drops it in: speed 0 changes nothing; its defaults run clean."""
-    assert torch.equal(tm.sample(simple(spec_nodes, m, speed=0.0), name, steps=steps), ref)
-    out = tm.sample(simple(spec_nodes, m), name, steps=steps)
-    s = stats_log[-1]
-    assert torch.isfinite(out).all() and not s["internal_error"] and s["steps"] == steps
 
 
 @pytest.mark.parametrize("name", OUTPUT_LEVEL)
@@ -83,7 +75,6 @@ def test_families_without_block_patches_forecast_the_output(spec_nodes, stats_lo
     s = stats_log[-1]
     assert s["mode"] == "output" and s["forecast"] > 0 and not s["internal_error"]
     assert torch.isfinite(out).all()
-    main_node_at_speed_0_and_defaults(spec_nodes, stats_log, m, name, ref, 12)
 
 
 def _class(path):
