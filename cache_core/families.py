@@ -143,7 +143,8 @@ FAMILIES: tuple[Family, ...] = (
                                            "comfy.ldm.wan.model_animate.AnimateWanModel"),
            notes="Wan S2V, HuMo, Animate: they call block patches but compute features between blocks"),
     Family("ltxav", ("comfy.ldm.lightricks.av_model.LTXAVModel",),
-           notes="LTX-2 audio-video (0.8.0); calls block patches, no block contract written yet"),
+           notes="LTX-2 audio-video (0.8.0); calls block patches, no block contract written yet. Its "
+                 "latent is nested (video, audio): forecast at APPLY_MODEL, where it is one tensor"),
     Family("pixart", ("comfy.ldm.pixart.pixartms.PixArtMS",), notes="PixArt Sigma"),
     Family("hunyuan_dit", ("comfy.ldm.hydit.models.HunYuanDiT",),
            notes="Hunyuan-DiT; calls block patches, no block contract written yet"),

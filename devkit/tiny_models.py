@@ -378,7 +378,28 @@ CONFIGS.update({
                   intermediate_size=128, adaln_dim=32, llm_features_dim=64, rope_theta=10000, mrope_section=[2, 3, 3],
                   norm_eps=1e-5),
         extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # LTX-2 audio-video: a nested latent (video, audio); the text context is the video and audio
+    # connectors' inputs side by side (caption_channels each)
+    "ltxav": dict(cls="LTXAV", latent=(1, 128, 2, 4, 4), latents=[(1, 128, 2, 4, 4), (1, 8, 4, 16)], context_width=128,
+        unet=dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64,
+                  audio_cross_attention_dim=32, attention_head_dim=16, audio_attention_head_dim=8, num_attention_heads=4,
+                  audio_num_attention_heads=4, caption_channels=64, num_layers=2),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     # Audio
+    # ACE-Step: its lyric encoder is 1024 wide whatever the model's width; latent 8 x 16 x length
+    "ace_step": dict(cls="ACEStep", latent=(1, 8, 16, 16),
+        unet=dict(audio_model="ace", in_channels=8, num_layers=2, inner_dim=64, attention_head_dim=16, num_attention_heads=4,
+                  mlp_ratio=2.5, out_channels=8, max_position=1024, rope_theta=1e6, speaker_embedding_dim=512,
+                  text_embedding_dim=64, ssl_encoder_depths=[1, 1], ssl_latent_dims=[32, 32], ssl_names=["mert", "m-hubert"],
+                  lyric_encoder_vocab_size=64, lyric_hidden_size=1024, patch_size=[16, 1], max_height=16, max_width=64),
+        extras=lambda g: {"conditioning_lyrics": torch.randint(0, 64, (1, 8), generator=g)}),
+    # ACE-Step 1.5: 64 latent channels, joined with a reference ("silence") latent and its mask
+    "ace_step15": dict(cls="ACEStep15", latent=(1, 64, 32),
+        unet=dict(audio_model="ace1.5", in_channels=192, hidden_size=64, text_hidden_dim=64, num_dit_layers=2,
+                  num_lyric_layers=1, num_timbre_layers=1, num_tokenizer_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                  intermediate_size=128, sliding_window=16, fsq_dim=64, encoder_hidden_size=64,
+                  encoder_intermediate_size=128, encoder_num_heads=4),
+        extras=lambda g: {"conditioning_lyrics": torch.randn(1, 8, 64, generator=g)}),
     "stable_audio": dict(cls="StableAudio", latent=(1, 64, 32), unet=_STABLE_AUDIO, extras=lambda g: {},
                          context_width=768, state_dict=_stable_audio_number_embedders()),
     "stable_audio3": dict(cls="StableAudio3", latent=(1, 256, 32),
@@ -503,6 +524,9 @@ def conditioning(name: str, seed: int = 1, tokens: int = 8):
 def latent(name: str, batch: int = 1, scale: int = 1, max_side: int | None = None):
     """An empty latent of the model's shape; ``max_side`` caps its height and width (not below
     the smallest the model takes, its config's ``min_side``)."""
+    if "latents" in CONFIGS[name]:      # a model of several latents (LTX-2's video + audio): nested
+        import comfy.nested_tensor
+        return comfy.nested_tensor.NestedTensor([torch.zeros((batch, *shape[1:])) for shape in CONFIGS[name]["latents"]])
     shape = list(CONFIGS[name]["latent"])
     shape[0] = batch
     shape[-1] *= scale

@@ -105,6 +105,22 @@ def simple(spec_nodes, model, **inputs):
     return spec_nodes.SpeculativeCacheSimple.execute(model, **inputs).result[0]
 
 
+def latent_parts(latent) -> list:
+    """A latent's tensors: one, or each of a nested latent's (LTX-2's video and audio)."""
+    return list(latent.unbind()) if getattr(latent, "is_nested", False) else [latent]
+
+
+def same(a, b) -> bool:
+    """Bit-identical latents (nested ones part by part)."""
+    import torch
+    return all(torch.equal(x, y) for x, y in zip(latent_parts(a), latent_parts(b), strict=True))
+
+
+def finite(latent) -> bool:
+    import torch
+    return all(bool(torch.isfinite(t).all()) for t in latent_parts(latent))
+
+
 def options(spec_nodes, **inputs):
     """A Speculative Cache Options node's output with these inputs (the others at auto)."""
     return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]

@@ -150,6 +150,12 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     ctx = run_context(to)
     if ctx is None or ctx.run.decision is None or ctx.adapter.apply_model_level:
         return executor(*args, **kwargs)
+    if not isinstance(args[0] if args else kwargs.get("x"), torch.Tensor):
+        # A model of several latents (LTX-2 audio-video) gets them here unpacked, as a list;
+        # APPLY_MODEL sees them packed into one tensor: its level forecasts the output instead
+        # (apply_model_wrapper, which this call leaves unaware of a DIFFUSION_MODEL hook).
+        ctx.nested_latent = True
+        return executor(*args, **kwargs)
     return guard.cached_call(ctx, executor, args, kwargs,
                              lambda ex, a, kw: _cached_model_call(ctx, ex, a, kw, to))
 
@@ -214,8 +220,9 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if ctx.apply_model_calls == 1:
         out = executor(*args, **kwargs)
         if not ctx.diffusion_model_seen:
-            warn_once("Speculative Cache: this model has no DIFFUSION_MODEL hook; forecasting "
-                      "the model output at the APPLY_MODEL level.")
+            why = ("its latent is several tensors (a nested latent)" if ctx.nested_latent
+                   else "this model has no DIFFUSION_MODEL hook")
+            warn_once(f"Speculative Cache: {why}; forecasting the model output at the APPLY_MODEL level.")
             ctx.stack_ok = False
             ctx.run.stats.mode = "output"
             try:

@@ -45,6 +45,7 @@ class RunContext(FeatureRun):
         self.stack_ok = isinstance(adapter, StackAdapter)
         self.diffusion_model_seen = False
         self.apply_model_calls = 0
+        self.nested_latent = False        # the diffusion model's input is several latents (a list)
         self.diffusion_model = None
         self.blockwise = False
         # seeded, so that ClusCa's random representatives repeat from run to run

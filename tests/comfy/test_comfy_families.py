@@ -16,7 +16,7 @@ import torch
 
 from devkit import comfy_env
 from devkit import tiny_models as tm
-from conftest import cached, forget_warnings, live_tensor_count
+from conftest import cached, finite, forget_warnings, live_tensor_count, same
 
 pytestmark = pytest.mark.comfy
 
@@ -28,6 +28,7 @@ BLOCK_LEVEL = {"wan21": "wan", "wan21_i2v": "wan", "wan22": "wan", "qwen_image":
                # ComfyUI 0.29
                "wan21_scail": "wan", "joyimage": "joyimage", "lens": "lens_mageflow", "mage_flow": "lens_mageflow"}
 OUTPUT_LEVEL = ["lumina2", "zimage", "kandinsky5",
+                "ltxav",                    # its nested latent (video + audio): forecast at APPLY_MODEL
                 "ernie", "krea2", "cogvideox", "boogu"]                  # ComfyUI 0.29
 
 
@@ -70,11 +71,11 @@ def test_families_without_block_patches_forecast_the_output(spec_nodes, stats_lo
     _need(name)
     m = tm.build(name, seed=3)
     ref = tm.sample(m, name, steps=12)
-    assert torch.equal(tm.sample(cached(spec_nodes, m, threshold=0.0), name, steps=12), ref)
+    assert same(tm.sample(cached(spec_nodes, m, threshold=0.0), name, steps=12), ref)
     out = tm.sample(cached(spec_nodes, m, threshold=5.0), name, steps=12)
     s = stats_log[-1]
     assert s["mode"] == "output" and s["forecast"] > 0 and not s["internal_error"]
-    assert torch.isfinite(out).all()
+    assert finite(out)
 
 
 def _class(path):
