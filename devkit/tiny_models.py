@@ -266,6 +266,8 @@ _HUNYUAN3D = dict(image_model="hunyuan3d2", in_channels=64, context_in_dim=64, h
 # its cross-attention takes the text joined with 768-wide seconds embeddings
 _STABLE_AUDIO = dict(audio_model="dit1.0", io_channels=64, embed_dim=128, depth=2, num_heads=2, cond_token_dim=768,
                      project_cond_tokens=True, global_cond_dim=1536, input_concat_dim=0)
+_PIXELDIT = dict(in_channels=3, num_groups=4, hidden_size=64, pixel_hidden_size=8, pixel_attn_hidden_size=32,
+                 pixel_num_groups=4, patch_depth=2, pixel_depth=1, patch_size=4, txt_embed_dim=64, txt_max_length=8)
 # PixArt: its position table needs (height + width) / 2 >= 48 latent pixels; alpha's size
 # conditioning splits the width in three
 _PIXART = dict(input_size=48, patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4, caption_channels=64,
@@ -385,6 +387,36 @@ CONFIGS.update({
                   audio_cross_attention_dim=32, attention_head_dim=16, audio_attention_head_dim=8, num_attention_heads=4,
                   audio_num_attention_heads=4, caption_channels=64, num_layers=2),
         extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # TripoSplat (3D): a nested latent too, the splat tokens and a camera token
+    "triposplat": dict(cls="TripoSplat", latent=(1, 32, 16), latents=[(1, 32, 16), (1, 1, 5)],
+        unet=dict(image_model="triposplat", q_token_length=32, in_channels=16, model_channels=64, cond_channels=64,
+                  out_channels=16, num_blocks=2, num_refiner_blocks=1, num_head_channels=16, cam_channels=5,
+                  cond2_channels=128),
+        extras=lambda g: {}),
+    # Pixel space: PixelDiT and its decoder PiD (conditioned on a low-resolution latent, 1 x 1 here:
+    # 32 pixels / 4 (super-resolution) / 8 (the latent's downscale))
+    "pixeldit": dict(cls="PixelDiTT2I", latent=(1, 3, 32, 32), unet=dict(_PIXELDIT, image_model="pixeldit_t2i"),
+                     extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    "pid": dict(cls="PiD", latent=(1, 3, 32, 32), min_side=32,
+        unet=dict(_PIXELDIT, image_model="pid", lq_latent_channels=16, lq_hidden_dim=32, lq_num_res_blocks=1, lq_interval=1,
+                  sr_scale=4, latent_spatial_down_factor=8, rope_ref_h=128, rope_ref_w=128),
+        extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long),
+                          "lq_latent": torch.randn(1, 16, 1, 1, generator=g), "degrade_sigma": torch.tensor([0.1])}),
+    # SeedVR2 (video restoration): the degraded video's latent and mask come in as "condition"
+    "seedvr2": dict(cls="SeedVR2", latent=(1, 16, 1, 8, 8),
+        unet=dict(image_model="seedvr2", norm_eps=1e-5, num_layers=2, mlp_type="swiglu", vid_in_channels=33,
+                  vid_out_channels=16, vid_dim=64, txt_in_dim=64, heads=4, head_dim=16, mm_layers=1, rope_dim=8,
+                  rope_type="mmrope3d"),
+        extras=lambda g: {"condition": torch.zeros(1, 17, 1, 8, 8)}),
+    # HiDream-O1: a Qwen3-VL language model over text tokens and 32-pixel patches (its vocabulary
+    # keeps the full size: the image and timestep token ids are fixed)
+    "hidream_o1": dict(cls="HiDreamO1", latent=(1, 3, 64, 64), min_side=64,
+        unet=dict(image_model="hidream_o1",
+                  text_config_overrides=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_dims=[4, 2, 2]),
+                  vision_config_overrides=dict(hidden_size=32, num_heads=2, intermediate_size=64, depth=1,
+                                               num_position_embeddings=64, deepstack_visual_indexes=())),
+        extras=lambda g: {"text_input_ids": torch.randint(0, 1000, (1, 8), generator=g)}),
     # Audio
     # ACE-Step: its lyric encoder is 1024 wide whatever the model's width; latent 8 x 16 x length
     "ace_step": dict(cls="ACEStep", latent=(1, 8, 16, 16),
