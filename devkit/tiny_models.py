@@ -385,7 +385,9 @@ CONFIGS.update({
     "ltxav": dict(cls="LTXAV", latent=(1, 128, 2, 4, 4), latents=[(1, 128, 2, 4, 4), (1, 8, 4, 16)], context_width=128,
         unet=dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64,
                   audio_cross_attention_dim=32, attention_head_dim=16, audio_attention_head_dim=8, num_attention_heads=4,
-                  audio_num_attention_heads=4, caption_channels=64, num_layers=2),
+                  audio_num_attention_heads=4, caption_channels=64, num_layers=2,
+                  # its text connectors are full size (700 M weights) unless their sizes are given
+                  connector_attention_head_dim=16, connector_num_attention_heads=4, connector_num_layers=1),
         extras=lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
     # TripoSplat (3D): a nested latent too, the splat tokens and a camera token
     "triposplat": dict(cls="TripoSplat", latent=(1, 32, 16), latents=[(1, 32, 16), (1, 1, 5)],
