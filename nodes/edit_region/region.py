@@ -117,6 +117,8 @@ class EditRun(FeatureRun):
         self.patch = int(getattr(diffusion_model, "patch_size", 2))
         self.n_double = len(diffusion_model.double_blocks)
         self.n_single = len(diffusion_model.single_blocks)
+        self.hidden_size = int(getattr(diffusion_model, "hidden_size", 0))
+        self.element_size = torch.empty((), dtype=getattr(diffusion_model, "dtype", None) or torch.float32).element_size()
         self.regions: dict = {}            # latent (h, w) -> (region index, outside index, grid tokens)
         self.context: dict = {}            # stream -> {block key: [(sigma, k, v), ...] oldest first}
         self.residuals: dict = {}          # stream -> {block key: residual of the outside tokens}
@@ -362,8 +364,16 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         stream = (tuple(str(u) for u in to.get("uuids") or ()), x.shape[0])
         refresh = (run.schedule.refresh(step, run.last_refresh.get(stream)) or inside.numel() == 0
                    or outside.numel() == 0)
+        serve_outside = step_cache_active(to)
+        if refresh and stream not in run.context:
+            # A stream's first refresh allocates its kept context: check the budget before it does
+            too_big = _over_budget(run, x.device, lambda points: _context_bytes(run, points) + _planned_context_bytes(
+                run, x.shape[0], int(outside.numel()), points, serve_outside))
+            if too_big:
+                run.disable(too_big)
+                return executor(*args, **kwargs)
         call = run.active = EditCall(run, stream, refresh, inside, outside, grid_tokens, sigma,
-                                     serve_outside=step_cache_active(to))
+                                     serve_outside=serve_outside)
     except Exception as e:
         if guard.passes_through(e):
             raise
@@ -384,7 +394,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     finally:
         run.active = None
     if not call.failed and refresh:
-        call.failed = _over_budget(run, x.device)
+        # (what was really kept: reference-image tokens past the grid are context too)
+        call.failed = _over_budget(run, x.device, lambda points: _context_bytes(run, points))
     if call.failed:
         run.disable(call.failed)
         if not refresh:
@@ -411,25 +422,36 @@ def _context_bytes(run: EditRun, points: int) -> int:
     return per_point * points + served
 
 
-def _over_budget(run: EditRun, device) -> str:
-    """Why the context does not fit the memory budget ('' when it does). Linear context
-    keeps two refreshes: when two do not fit, the run keeps one (reuse), with a warning;
-    when one does not fit either, the node steps aside for the run."""
+def _planned_context_bytes(run: EditRun, batch: int, outside_tokens: int, points: int, serve_outside: bool) -> int:
+    """Bytes the context will take, before any of it is kept: per block and kept refresh, the
+    keys and values of the outside tokens (the text's are computed with the region's); plus,
+    when the step cache serves the outside, one residual of the outside tokens per block.
+    (Tokens past the grid, Kontext's reference images, are counted after the refresh.)"""
+    blocks = run.n_double + run.n_single
+    width = batch * run.hidden_size * run.element_size
+    kept = 2 * outside_tokens * width * blocks * points
+    return kept + (outside_tokens * width * blocks if serve_outside else 0)
+
+
+def _over_budget(run: EditRun, device, context_bytes) -> str:
+    """Why the context (``context_bytes(refreshes kept)``) does not fit the memory budget ('' when
+    it does). Linear context keeps two refreshes: when two do not fit, the run keeps one
+    (reuse), with a warning; when one does not fit either, the node steps aside for the run."""
     budget = budget_bytes(run.settings.memory_budget_mb, device)
-    if budget is None or _context_bytes(run, run.context_order + 1) <= budget:
+    if budget is None or context_bytes(run.context_order + 1) <= budget:
         return ""
     if run.context_order > 0:
         warn_once(f"Speculative Cache Edit Region: linear context needs about "
-                  f"{_context_bytes(run, run.context_order + 1) / 2**20:.0f} MiB, over the budget of "
+                  f"{context_bytes(run.context_order + 1) / 2**20:.0f} MiB, over the budget of "
                   f"{budget / 2**20:.0f} MiB; keeping one refresh (context 'reuse').")
         run.context_order = 0
         for blocks in run.context.values():
             for key, kept in blocks.items():
                 blocks[key] = kept[-1:]
-        if _context_bytes(run, 1) <= budget:
+        if context_bytes(1) <= budget:
             return ""
-    return (f"the kept keys and values need {_context_bytes(run, 1) / 2**20:.0f} MiB, over the budget of "
-            f"{budget / 2**20:.0f} MiB")
+    return (f"the kept keys and values need {context_bytes(1) / 2**20:.1f} MiB, over the budget of "
+            f"{budget / 2**20:.1f} MiB")
 
 
 class EditBlockPatch(ChainedBlockPatch):

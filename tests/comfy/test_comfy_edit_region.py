@@ -214,3 +214,77 @@ def test_nothing_stays_behind(env, edit_stats):
 def test_bad_inputs_are_refused_clearly(env):
     with pytest.raises(ValueError, match="refresh_interval"):
         with_region(env, refresh_interval=0)
+
+
+def _kept_bytes(run) -> int:
+    return sum(t.numel() * t.element_size() for blocks in run.context.values() for kept in blocks.values()
+               for _, *kv in kept for t in kv)
+
+
+def test_the_budget_is_checked_before_the_context_is_kept(env, edit_stats, monkeypatch):
+    """The planned context of a run's first refresh is what the refresh then keeps; with a
+    budget below it the node steps aside before it keeps anything (the picture is the uncached
+    one), and with a budget between one and two refreshes' worth it keeps one (reuse)."""
+    _, edit, model = env
+    mask = square(8, 24)
+    planned, kept = [], []
+    planner = edit._planned_context_bytes
+
+    def planning(run, *a):
+        planned.append(planner(run, *a[:2], 1, False))          # one refresh, the keys and values only
+        return planner(run, *a)
+
+    original_full = edit.EditCall._full
+
+    def full(self, *a, **k):
+        out = original_full(self, *a, **k)
+        kept.append(_kept_bytes(self.run))
+        return out
+    monkeypatch.setattr(edit, "_planned_context_bytes", planning)
+    monkeypatch.setattr(edit.EditCall, "_full", full)
+    inpaint(env, with_region(env, context="reuse"), mask, labels=LABELS[:1], seeds=SEEDS[:1], steps=4)
+    assert edit_stats[-1]["refresh_calls"] > 0 and not edit_stats[-1]["disabled"]
+    blocks = len(model.model.diffusion_model.double_blocks) + len(model.model.diffusion_model.single_blocks)
+    one_refresh = planned[0]
+    assert kept[blocks - 1] == one_refresh                 # after the first refresh's last block: as planned
+
+    kept.clear()
+    monkeypatch.setattr(edit, "budget_bytes", lambda mb, device: one_refresh // 2)
+    ref = inpaint(env, model, mask)
+    out = inpaint(env, with_region(env), mask)
+    assert "over the budget" in edit_stats[-1]["disabled"]
+    assert kept == []                                      # nothing was kept, nothing allocated
+    assert torch.equal(out, ref)
+
+    monkeypatch.setattr(edit, "budget_bytes", lambda mb, device: one_refresh * 3 // 2)
+    inpaint(env, with_region(env), mask)                   # linear context needs two refreshes' worth
+    s = edit_stats[-1]
+    assert not s["disabled"] and s["partial_calls"] > 0
+    assert max(kept) <= one_refresh * 3 // 2
+
+
+def test_an_interrupt_in_an_edit_region_run_surfaces_and_nothing_stays(env, edit_stats, monkeypatch):
+    import comfy.ldm.flux.layers as flux_layers
+    import comfy.model_management as mm
+    from conftest import live_tensor_count
+    _, edit, model = env
+    mask = square(8, 24)
+    patched = with_region(env)
+    inpaint(env, patched, mask, steps=6)
+    before = live_tensor_count()
+    calls = {"n": 0}
+    forward = flux_layers.SingleStreamBlock.forward
+
+    def interrupting(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:                               # mid-run, inside a partial step's blocks
+            raise mm.InterruptProcessingException()
+        return forward(self, *a, **k)
+    monkeypatch.setattr(flux_layers.SingleStreamBlock, "forward", interrupting)
+    with pytest.raises(mm.InterruptProcessingException):
+        inpaint(env, patched, mask, steps=6)
+    monkeypatch.undo()
+    assert calls["n"] == 20
+    assert edit_stats[-1]["disabled"] == ""                # an interrupt is not the node's failure
+    gc.collect()
+    assert live_tensor_count() <= before + 2
