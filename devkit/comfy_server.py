@@ -64,11 +64,13 @@ class ComfyServer:
                 time.sleep(0.5)
         raise RuntimeError("ComfyUI did not start:\n" + self.log())
 
-    def log(self) -> str:
+    def log(self, whole: bool = False) -> str:
+        """The server's console output: its last 6000 characters, or all of it."""
         try:
-            return self.log_path.read_text()[-6000:]
+            text = self.log_path.read_text()
         except OSError:
             return ""
+        return text if whole else text[-6000:]
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:

@@ -121,6 +121,17 @@ def finite(latent) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in latent_parts(latent))
 
 
+def with_context_windows(model, length: int = 4, overlap: int = 2):
+    """ComfyUI's Context Windows (Manual) node over the frames (dim 2) of a video latent."""
+    import inspect
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode as node
+    inputs = dict(context_length=length, context_overlap=overlap, context_schedule="standard_static",
+                  context_stride=1, closed_loop=False, fuse_method="pyramid", dim=2)
+    if "freenoise" in inspect.signature(node.execute).parameters:       # ComfyUI 0.8.0
+        inputs["freenoise"] = False
+    return node.execute(model, **inputs).result[0]
+
+
 def options(spec_nodes, **inputs):
     """A Speculative Cache Options node's output with these inputs (the others at auto)."""
     return spec_nodes.SpeculativeCacheOptions.execute(**inputs).result[0]

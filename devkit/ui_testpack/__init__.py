@@ -119,14 +119,50 @@ class SCTestLatentSink:
     CATEGORY = "testing/speculative_cache"
 
     def sink(self, samples):
+        import hashlib
         s = samples["samples"]
-        return {"ui": {"text": [f"{tuple(s.shape)} finite={bool(s.isfinite().all())}"]}}
+        digest = hashlib.sha1(s.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return {"ui": {"text": [f"{tuple(s.shape)} finite={bool(s.isfinite().all())} digest={digest}"]}}
+
+
+class SCTestFailOnce:
+    """Test only: makes the pack's own code raise once, at one hook point, in the runs after it
+    (``where``: "module:Owner.attr" inside the pack, e.g. "cache_core.run:Chunk.predict"; the
+    ``on_call``-th call raises, then the original is back). The model passes through."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "where": ("STRING", {"default": "cache_core.run:Chunk.predict"}),
+                             "on_call": ("INT", {"default": 1, "min": 1, "max": 10000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "arm"
+    CATEGORY = "testing/speculative_cache"
+
+    def arm(self, model, where, on_call):
+        from devkit.comfy_server import PACK_DIR_NAME
+        module_name, _, attr_path = where.partition(":")
+        # (ComfyUI names a custom-node package after its path: ".../custom_nodes/speculative-cache")
+        module = next(m for name, m in list(sys.modules.items())
+                      if name.endswith(f"{PACK_DIR_NAME}.{module_name}") and m is not None)
+        owner_name, _, attr = attr_path.rpartition(".")
+        owner = getattr(module, owner_name) if owner_name else module
+        original = getattr(owner, attr)
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == on_call:
+                setattr(owner, attr, original)
+                raise RuntimeError(f"injected failure in {attr_path} (test)")
+            return original(*args, **kwargs)
+        setattr(owner, attr, failing)
+        return (model,)
 
 
 NODE_CLASS_MAPPINGS = {"SCTestTinyFlux": SCTestTinyFlux, "SCTestConditioning": SCTestConditioning,
                        "SCTestLatentSink": SCTestLatentSink, "SCTestTinyModel": SCTestTinyModel,
                        "SCTestTextConditioning": SCTestTextConditioning,
-                       "SCTestInpaintConditioning": SCTestInpaintConditioning}
+                       "SCTestInpaintConditioning": SCTestInpaintConditioning, "SCTestFailOnce": SCTestFailOnce}
 
 
 def _memory() -> dict:

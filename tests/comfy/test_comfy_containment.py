@@ -18,7 +18,7 @@ import torch
 
 from devkit import comfy_env
 from devkit import tiny_models as tm
-from conftest import cached, forget_warnings, live_tensor_count, options, simple
+from conftest import cached, forget_warnings, live_tensor_count, options, simple, with_context_windows
 
 pytestmark = pytest.mark.comfy
 
@@ -87,6 +87,11 @@ def sd15(spec_nodes):
     return tm.build("sd15", seed=5)
 
 
+@pytest.fixture(scope="module")
+def wan21(spec_nodes):
+    return tm.build("wan21", seed=3)
+
+
 @pytest.fixture
 def feature_stats(spec_nodes):
     """Final stats of every run of each feature during the test: {feature name: [stats, ...]}."""
@@ -128,6 +133,16 @@ def _pruning_path(spec_nodes, models, patched=True):
     return tm.sample(m, "sd15", steps=STEPS, cfg=5.0)
 
 
+def _context_windows_path(spec_nodes, models, patched=True):
+    """A tiny Wan over 9 frames through ComfyUI's Context Windows node (4 windows of 4 frames)."""
+    import comfy.sample
+    m = simple(spec_nodes, models["wan21"], options=options(spec_nodes, threshold=5.0)) if patched else models["wan21"]
+    latent = torch.zeros(1, 16, 9, 8, 8)
+    positive, negative = tm.conditioning("wan21")
+    return comfy.sample.sample(with_context_windows(m), comfy.sample.prepare_noise(latent, 42), STEPS, 2.0, "euler",
+                               "simple", positive, negative, latent, disable_pbar=True, seed=42)
+
+
 PATHS = {
     "auto": ("cache", _step_cache_path("auto")),
     "probe": ("cache", _step_cache_path("probe")),
@@ -136,6 +151,7 @@ PATHS = {
     "planned target, cond-only step": ("cache", _step_cache_path("speed_target", steps=28, target_speedup=6.0)),
     "legacy node": ("cache", _legacy_path),
     "token pruning": ("pruning", _pruning_path),
+    "context windows": ("cache", _context_windows_path),
 }
 
 # path -> hook points: (module, owner class or None, attribute); each is our code, reached at
@@ -151,6 +167,7 @@ HOOKS = {
     "block patch (block granularity)": ("nodes.step_cache.blockwise", "BlockwiseCall", "block"),
     "trajectory correction (post-CFG)": ("cache_core.correction", "TrajectoryCorrection", "observe"),
     "cond-only step": ("nodes.step_cache.cond_only", "GuidanceDifference", "needed_after"),
+    "context window of a call": ("nodes.step_cache.context_windows", None, "window_key"),
     "pruning attention patch": ("nodes.token_pruning.pruning", None, "select_dynamic"),
     "pruning output patch": ("nodes.token_pruning.pruning", None, "served_output"),
 }
@@ -162,13 +179,15 @@ CASES = {
     "planned target, cond-only step": ["cond-only step", "evaluation start (CALC_COND_BATCH)", "forecast"],
     "legacy node": ["verification (probe)", "block patch"],
     "token pruning": ["pruning attention patch", "pruning output patch"],
+    "context windows": ["context window of a call", "evaluation start (CALC_COND_BATCH)", "forecast",
+                        "record / lookback (DIFFUSION_MODEL)"],
 }
 
 
 @pytest.mark.parametrize("path, hook", [(p, h) for p, hooks in CASES.items() for h in hooks])
 def test_an_error_of_ours_at_a_hook_point_leaves_the_prompt_to_complete_uncached(
-        spec_nodes, flux, sd15, feature_stats, monkeypatch, said, path, hook):
-    models = {"flux": flux, "sd15": sd15}
+        spec_nodes, flux, sd15, wan21, feature_stats, monkeypatch, said, path, hook):
+    models = {"flux": flux, "sd15": sd15, "wan21": wan21}
     feature, run = PATHS[path]
     reference = run(spec_nodes, models, patched=False)
     module, owner, attr = HOOKS[hook]
@@ -360,3 +379,45 @@ def test_a_memory_plan_that_cannot_run_is_a_warning_with_the_reason(spec_nodes, 
     said = [r.getMessage() for r in caplog.records if "could not plan this run's cache memory" in r.getMessage()]
     assert len(said) == 1 and "injected failure" in said[0] and "not applied" in said[0]
     assert feature_stats["cache"][-1]["forecast"] > 0          # the run itself goes on cached
+
+
+def _tiny_flux_controlnet(seed=11):
+    """ComfyUI's FLUX ControlNet class (XLabs layout: a pixel hint) at the tiny FLUX's size,
+    random weights large enough to move the picture."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    cfg = tm.complete_unet_config(tm.CONFIGS["flux"]["unet"])
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device="cpu",
+                                                     dtype=torch.float32, **cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.controlnet.ControlNet(model, load_device=torch.device("cpu"), manual_cast_dtype=None,
+                                       extra_conds=["y", "guidance"])
+
+
+def test_a_call_made_again_after_our_error_gets_the_flux_controlnet_residuals_intact(
+        spec_nodes, flux, feature_stats, monkeypatch):
+    """The step cache fails in its second block patch of the first model call, after the first
+    block added its ControlNet residual: the call made again without it gets the ControlNet's
+    residuals as they were, so the picture is the uncached one with the ControlNet."""
+    controlnet = _tiny_flux_controlnet()
+    hint = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+
+    def sample(patcher, control=True):
+        positive, negative = tm.conditioning("flux")
+        if control:
+            c = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+            positive, negative = ([[t, dict(d, control=c, control_apply_to_uncond=True)] for t, d in cond]
+                                  for cond in (positive, negative))
+        return tm.sample(patcher, "flux", steps=6, positive=positive, negative=negative)
+
+    reference = sample(flux)
+    assert not torch.equal(reference, sample(flux, control=False))          # the ControlNet acts
+    probing = simple(spec_nodes, flux, mode="probe", options=options(spec_nodes, threshold=5.0))
+    calls = fail_on_call(monkeypatch, pack("nodes.step_cache.block_call").BlockCall, "block", on_call=2)
+    out = sample(probing)
+    assert calls["n"] >= 2 and "injected failure" in feature_stats["cache"][-1]["internal_error"]
+    assert torch.equal(out, reference)

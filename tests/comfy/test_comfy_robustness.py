@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from devkit import tiny_models as tm
-from conftest import forget_warnings, options, simple
+from conftest import forget_warnings, options, simple, with_context_windows
 
 pytestmark = pytest.mark.comfy
 
@@ -351,17 +351,6 @@ def test_controlnet_keeps_block_level_forecasting(spec_nodes, stats_log, mode):
     assert rm.psnr(rm.decode(out), rm.decode(reference)) > 40
 
 
-def _with_context_windows(model, length: int = 4, overlap: int = 2):
-    """ComfyUI's Context Windows (Manual) node over the frames (dim 2) of a video latent."""
-    import inspect
-    from comfy_extras.nodes_context_windows import ContextWindowsManualNode as node
-    inputs = dict(context_length=length, context_overlap=overlap, context_schedule="standard_static",
-                  context_stride=1, closed_loop=False, fuse_method="pyramid", dim=2)
-    if "freenoise" in inspect.signature(node.execute).parameters:       # ComfyUI 0.8.0
-        inputs["freenoise"] = False
-    return node.execute(model, **inputs).result[0]
-
-
 def test_context_windows_keep_a_history_per_window(spec_nodes, stats_log):
     """ComfyUI's context windows (long videos) call the model once per window of frames at each
     step, each on its own slice of x. All the windows of a step are one evaluation, and each
@@ -388,7 +377,7 @@ def test_context_windows_keep_a_history_per_window(spec_nodes, stats_log):
         patched = simple(spec_nodes, m, **inputs)
         plain = error(sample(patched, steps), sample(m, steps))
         alone = stats_log[-1]
-        windowed = error(sample(_with_context_windows(patched), steps), sample(_with_context_windows(m), steps))
+        windowed = error(sample(with_context_windows(patched), steps), sample(with_context_windows(m), steps))
         s = stats_log[-1]
         assert s["evaluations"] == steps and s["forecast"] > 0 and not s["internal_error"], s
         assert windowed < 0.05 and windowed < 2 * plain + 1e-3, (inputs, windowed, plain)

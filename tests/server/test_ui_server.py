@@ -290,3 +290,70 @@ def urllib_request(server, body):
         return server.post("/prompt", body)
     except urllib.error.HTTPError as e:
         return json.loads(e.read())
+
+
+def _digest(server, prompt_id) -> str:
+    text = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"]["5"]["text"][0]
+    assert "finite=True" in text
+    return text.split("digest=")[1]
+
+
+def _failing_graph(graph, where):
+    """``graph`` with the pack's code at ``where`` made to raise on its first call, by a test node
+    between the model and the node that patches it."""
+    graph = json.loads(json.dumps(graph))
+    patching = next(k for k, n in graph.items() if n["inputs"].get("model") == ["1", 0])
+    graph["12"] = {"class_type": "SCTestFailOnce", "inputs": {"model": ["1", 0], "where": where, "on_call": 1}}
+    graph[patching]["inputs"]["model"] = ["12", 0]
+    return graph
+
+
+def _pruning_graph(seed=3):
+    return {
+        "1": {"class_type": "SCTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
+        "10": {"class_type": "SpeculativeCacheTokenPruning", "inputs": {"model": ["1", 0], "ratio": 0.5,
+                                                                         "refresh_interval": 3, "layers": "self-attention"}},
+        "2": {"class_type": "SCTestTextConditioning", "inputs": {"family": "sd15", "seed": 1, "negative": False}},
+        "6": {"class_type": "SCTestTextConditioning", "inputs": {"family": "sd15", "seed": 1, "negative": True}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {
+            "model": ["10", 0], "seed": seed, "steps": 8, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["2", 0], "negative": ["6", 0], "latent_image": ["3", 0], "denoise": 1.0}},
+        "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
+    }
+
+
+SERVED_FAULTS = {
+    "auto: lookback record": ("auto", "cache_core.run:Chunk.record"),
+    "probe: forecast": ("probe", "cache_core.run:Chunk.predict"),
+    "probe: block patch": ("probe", "nodes.step_cache.block_call:BlockCall.block"),
+    "token pruning: attention patch": ("pruning", "nodes.token_pruning.pruning:select_dynamic"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVED_FAULTS))
+def test_an_error_of_ours_in_a_served_prompt_leaves_it_to_complete_uncached(server, case):
+    """Through the real server: the pack's own code fails at a hook point on its first call; the
+    prompt completes (no execution error), its picture is the uncached one bit for bit, the
+    run's final stats say what failed, and the console says it once."""
+    mode, where = SERVED_FAULTS[case]
+    if mode == "pruning":
+        plain = _pruning_graph()
+        plain["4"]["inputs"]["model"] = ["1", 0]
+        failing = _failing_graph(_pruning_graph(), where)
+    else:
+        main = {"mode": mode, "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
+        graph = api_graph(main, steps=10, sc_type="SpeculativeCacheSimple", options=None)
+        plain = json.loads(json.dumps(graph))
+        plain["10"]["inputs"]["speed"] = 0.0                 # the main node off: bit-identical to no node
+        failing = _failing_graph(graph, where)
+    plain_id, _ = run_prompt(server, plain)
+    seen = len(server.log(whole=True))
+    prompt_id, events = run_prompt(server, failing)           # raises on an execution error
+    assert _digest(server, prompt_id) == _digest(server, plain_id)
+    said = [line for line in server.log(whole=True)[seen:].splitlines()
+            if "injected failure" in line and "continues without" in line]     # the warning
+    assert len(said) == 1, server.log()
+    if mode != "pruning":
+        final = [e["data"] for e in events if e["type"] == "speculative_cache.stats" and e["data"]["final"]]
+        assert len(final) == 1 and "injected failure" in final[0]["internal_error"]
