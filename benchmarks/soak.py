@@ -3,14 +3,18 @@ that runs for hours sees them.
 
     .venv/bin/python -m benchmarks.soak --prompts 200          (about 5 minutes on 2 cores)
 
-Each prompt draws a seed, a resolution, a batch size, a step count and a node setting (the
-main node in auto / speed-target / off mode, with or without an Options node, the legacy
-node with other methods); some are interrupted at a random step (``/interrupt``), some are
-queued behind another and cancelled (``/queue`` delete). After every finished prompt its
-final ``speculative_cache.stats`` event must be consistent (every step accounted for, one
-report per run); after all of them the server must hold no open run and no cached tensor,
-its tensor count must be back where it was after warm-up, and its resident memory flat
-within a margin. The CI variant (tests/test_soak.py) runs 30 prompts."""
+Each prompt draws a seed, a resolution, a batch size, a step count and a node setting: the
+main node in each mode (auto, probe, speed target, off), with or without an Options node, the
+legacy node with other methods, the Edit Region on an inpainting FLUX Fill (alone and under the
+main node) and Token Pruning on an SD1.5 U-Net (alone and under the main node). Some are
+interrupted at a random step (``/interrupt``), some are queued behind another and cancelled
+(``/queue`` delete). After every finished prompt its final stats must be consistent (the step
+cache's ``speculative_cache.stats`` event: every step accounted for, one report per run; the
+other nodes' final stats: not switched off by an error). After all of them the server must hold
+none of the pack's run objects and no cached byte of any node, and its tensor count must be
+where it was after warm-up within one tensor per ten prompts: both counts are taken right after
+the same closing prompt, so ComfyUI's output cache holds the same thing. The CI variant
+(tests/server/test_soak.py) runs 30 prompts."""
 
 from __future__ import annotations
 
@@ -24,11 +28,47 @@ import uuid
 from devkit.comfy_server import ComfyServer, api_graph, widget_defaults
 
 RESOLUTIONS = [(64, 64), (128, 128), (96, 128), (128, 64)]
-SETTINGS = ["auto", "auto_fast", "speed_target", "off", "options_block", "options_clusca", "legacy_taylorseer",
-            "legacy_reuse"]
+SETTINGS = ["auto", "auto_fast", "probe", "speed_target", "off", "options_block", "options_clusca",
+            "legacy_taylorseer", "legacy_reuse", "edit_region", "edit_region_cached", "token_pruning",
+            "token_pruning_cached"]
 TINY_FLUX_BLOCKS = 4          # the test pack's model: 2 double + 2 single blocks
 RSS_MARGIN = 200 * 2**20      # resident memory may move this much after warm-up (allocator, caches)
-TENSOR_MARGIN = 64            # live tensors may differ this much from after warm-up (ComfyUI's output cache)
+TENSORS_PER_PROMPT = 0.1      # live tensors may differ this much per prompt after warm-up
+
+
+def _other_node_graph(setting: str, steps: int, cfg: float, seed: int, width: int, height: int, batch: int,
+                      main: dict) -> dict:
+    """Edit Region (a tiny FLUX Fill, an inpainting mask) or Token Pruning (a tiny SD1.5), with
+    the main node after it for the "_cached" settings."""
+    edit = setting.startswith("edit_region")
+    family = "flux_fill" if edit else "sd15"
+    node = ({"class_type": "SpeculativeCacheEditRegion", "inputs": {
+                "model": ["1", 0], "margin": 1, "refresh_interval": 3, "final_refresh_steps": 1, "context": "linear"}}
+            if edit else
+            {"class_type": "SpeculativeCacheTokenPruning", "inputs": {
+                "model": ["1", 0], "ratio": 0.5, "refresh_interval": 3, "layers": "self-attention"}})
+    g = {
+        "1": {"class_type": "SCTestTinyModel", "inputs": {"family": family, "seed": 0}},
+        "20": node,
+        "2": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": False}},
+        "6": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": True}},
+        "4": {"class_type": "KSampler", "inputs": {
+            "model": ["20", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["2", 0], "negative": ["6", 0], "latent_image": ["3", 0],
+            "denoise": 1.0}},
+        "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
+    }
+    if edit:     # FLUX Fill's inpainting conditioning and the latent with its noise mask
+        g["7"] = {"class_type": "SCTestInpaintConditioning", "inputs": {
+            "positive": ["2", 0], "negative": ["6", 0], "width": width, "height": height}}
+        g["4"]["inputs"].update(positive=["7", 0], negative=["7", 1], latent_image=["7", 2])
+    else:        # the U-Net's latent: 8 x 8 pixels per latent pixel, at twice the FLUX sizes
+        g["3"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 2 * width, "height": 2 * height,
+                                                               "batch_size": batch}}
+    if setting.endswith("_cached"):
+        g["10"] = {"class_type": "SpeculativeCacheSimple", "inputs": {"model": ["20", 0], **main}}
+        g["4"]["inputs"]["model"] = ["10", 0]
+    return g
 
 
 class Soak:
@@ -44,18 +84,22 @@ class Soak:
             server.get("/object_info/SpeculativeCacheAdvancedOptions")["SpeculativeCacheAdvancedOptions"])
         self.legacy_defaults = widget_defaults(server.get("/object_info/SpeculativeCache")["SpeculativeCache"])
         self.problems: list[str] = []
-        self.counts = {"completed": 0, "interrupted": 0, "cancelled": 0}
+        self.counts = {"completed": 0, "interrupted": 0, "cancelled": 0, "settings": {}}
+        self.warmup = len(SETTINGS)
+        self.server.get("/sc_test/finals")          # the other nodes' final stats are collected from now
 
     # ---- one prompt -------------------------------------------------------------
-    def graph(self):
+    def graph(self, setting: str | None = None):
         r = self.rng
         steps = r.choice([4, 6, 8, 10])
-        setting = r.choice(SETTINGS)
+        setting = setting or r.choice(SETTINGS)
         options = None
         sc_type = "SpeculativeCacheSimple"
         main = {"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}
         if setting == "auto_fast":
             main["speed"] = round(r.uniform(0.6, 1.0), 2)
+        elif setting == "probe":
+            main["mode"] = "probe"
         elif setting == "speed_target":
             main.update(mode="speed_target", speed=round(r.uniform(0.1, 0.5), 2))
         elif setting == "off":
@@ -67,10 +111,13 @@ class Soak:
         elif setting.startswith("legacy_"):
             sc_type = "SpeculativeCache"
             main = dict(self.legacy_defaults, method=setting[len("legacy_"):], max_forecast_steps=2)
-        g = api_graph(main, steps=steps, cfg=r.choice([1.0, 2.0]), seed=r.randrange(10_000), sc_type=sc_type,
-                      options=options)
+        cfg, seed = r.choice([1.0, 2.0]), r.randrange(10_000)
         w, h = r.choice(RESOLUTIONS)
-        g["3"]["inputs"].update(width=w, height=h, batch_size=r.choice([1, 1, 2]))
+        batch = r.choice([1, 1, 2])
+        if setting.startswith(("edit_region", "token_pruning")):
+            return _other_node_graph(setting, steps, cfg, seed, w, h, batch, main), steps, setting
+        g = api_graph(main, steps=steps, cfg=cfg, seed=seed, sc_type=sc_type, options=options)
+        g["3"]["inputs"].update(width=w, height=h, batch_size=batch)
         return g, steps, setting
 
     def post(self, graph) -> str:
@@ -104,8 +151,21 @@ class Soak:
                     continue
         return finals, "timeout"
 
+    def check_other_nodes(self, i, setting, ended, before):
+        """The Edit Region's or Token Pruning's final stats of this prompt: one, not switched off
+        by an error of the pack."""
+        key = "edit" if setting.startswith("edit_region") else "pruning"
+        finals = self.server.get("/sc_test/finals")[key][before[key]:]
+        where = f"prompt {i} ({setting}, {ended})"
+        if len(finals) != 1:
+            self.problems.append(f"{where}: {len(finals)} final {key} reports, expected 1")
+        elif "error" in finals[0]["disabled"]:
+            self.problems.append(f"{where}: {key} off: {finals[0]['disabled']}")
+
     def check_stats(self, i, setting, steps, finals, ended):
         where = f"prompt {i} ({setting}, {steps} steps, {ended})"
+        if setting.startswith(("edit_region", "token_pruning")) and not setting.endswith("_cached"):
+            return                                  # no step cache in this graph
         if len(finals) != 1:
             self.problems.append(f"{where}: {len(finals)} final stats reports, expected 1")
             return
@@ -128,10 +188,11 @@ class Soak:
         if not (0 < s["compute_fraction"] <= bound or s["evaluations"] == 0):
             self.problems.append(f"{where}: compute fraction {s['compute_fraction']}")
 
-    def one(self, i):
+    def one(self, i, setting=None):
         r = self.rng
-        graph, steps, setting = self.graph()
-        action = r.random()
+        graph, steps, setting = self.graph(setting)
+        before = {k: len(v) for k, v in self.server.get("/sc_test/finals").items()}
+        action = r.random() if i >= self.warmup else 1.0       # the warm-up runs each setting to the end
         if action < 0.15:
             prompt_id = self.post(graph)
             finals, ended = self.wait(prompt_id, interrupt_at=r.randint(1, steps - 1))
@@ -157,26 +218,45 @@ class Soak:
             return
         if ended == "completed":
             self.counts["completed"] += 1
+        self.counts["settings"][setting] = self.counts["settings"].get(setting, 0) + 1
         self.check_stats(i, setting, steps, finals, ended)
+        if setting.startswith(("edit_region", "token_pruning")) and ended == "completed":
+            self.check_other_nodes(i, setting, ended, before)
+
+    def closing_prompt(self) -> dict:
+        """The same prompt before the baseline and at the end (ComfyUI's output cache then holds
+        the same outputs); what the server holds right after it."""
+        graph = api_graph({"mode": "auto", "speed": 0.5, "start_percent": 0.0, "end_percent": 1.0}, steps=4,
+                          sc_type="SpeculativeCacheSimple")
+        finals, ended = self.wait(self.post(graph))
+        if ended != "completed":
+            self.problems.append(f"the closing prompt: {ended}")
+        return self.server.get("/sc_test/memory")
 
     # ---- the whole soak ---------------------------------------------------------
-    def run(self, prompts: int, warmup: int = 8) -> dict:
+    def run(self, prompts: int) -> dict:
+        """``prompts`` prompts: first each setting once to the end (the warm-up: every tiny model
+        built, every path taken), then random ones."""
         started = time.time()
-        baseline = None
+        self.warmup = len(SETTINGS)
         for i in range(prompts):
-            if i == warmup:
-                baseline = self.server.get("/sc_test/memory")
-            self.one(i)
+            if i == self.warmup:
+                baseline = self.closing_prompt()
+            self.one(i, SETTINGS[i] if i < self.warmup else None)
             if (i + 1) % 20 == 0 or i + 1 == prompts:
                 took = time.time() - started
                 self.log(f"  {i + 1}/{prompts} prompts, {took:.0f} s (about {took / (i + 1) * (prompts - i - 1):.0f} s "
                          f"left), {len(self.problems)} problems", flush=True)
-        end = self.server.get("/sc_test/memory")
-        baseline = baseline or end
-        if end["open_runs"] or end["cache_bytes"]:
-            self.problems.append(f"after the soak: {end['open_runs']} open runs, {end['cache_bytes']} cached bytes")
-        if end["tensors"] > baseline["tensors"] + TENSOR_MARGIN:
-            self.problems.append(f"live tensors grew from {baseline['tensors']} to {end['tensors']}")
+        end = self.closing_prompt()
+        if prompts <= self.warmup:
+            baseline = end
+        if end["runs_alive"] or end["open_runs"] or end["cache_bytes"]:
+            self.problems.append(f"after the soak: {end['runs_alive']} run objects alive ({end['open_runs']} open), "
+                                 f"{end['cache_bytes']} cached bytes")
+        margin = int(TENSORS_PER_PROMPT * (prompts - self.warmup))
+        if abs(end["tensors"] - baseline["tensors"]) > margin:
+            self.problems.append(f"live tensors went from {baseline['tensors']} to {end['tensors']} "
+                                 f"(margin {margin} for {prompts - self.warmup} prompts)")
         if end["rss"] > baseline["rss"] + RSS_MARGIN:
             self.problems.append(f"resident memory grew from {baseline['rss'] >> 20} MiB to {end['rss'] >> 20} MiB")
         self.ws.close()

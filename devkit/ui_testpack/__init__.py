@@ -139,11 +139,8 @@ class SCTestFailOnce:
     CATEGORY = "testing/speculative_cache"
 
     def arm(self, model, where, on_call):
-        from devkit.comfy_server import PACK_DIR_NAME
         module_name, _, attr_path = where.partition(":")
-        # (ComfyUI names a custom-node package after its path: ".../custom_nodes/speculative-cache")
-        module = next(m for name, m in list(sys.modules.items())
-                      if name.endswith(f"{PACK_DIR_NAME}.{module_name}") and m is not None)
+        module = _pack_module(module_name)
         owner_name, _, attr = attr_path.rpartition(".")
         owner = getattr(module, owner_name) if owner_name else module
         original = getattr(owner, attr)
@@ -165,41 +162,80 @@ NODE_CLASS_MAPPINGS = {"SCTestTinyFlux": SCTestTinyFlux, "SCTestConditioning": S
                        "SCTestInpaintConditioning": SCTestInpaintConditioning, "SCTestFailOnce": SCTestFailOnce}
 
 
+def _pack_module(name: str):
+    """The pack's module ``name`` as the server loaded it (ComfyUI names a custom-node package
+    after its path: ".../custom_nodes/speculative-cache")."""
+    from devkit.comfy_server import PACK_DIR_NAME
+    return next(m for key, m in list(sys.modules.items()) if key.endswith(f"{PACK_DIR_NAME}.{name}") and m is not None)
+
+
+# The pack's run objects: a run of any node, its model calls, and through them every cache it keeps
+RUN_CLASSES = {"RunContext", "SpeculativeRun", "EditRun", "PruningRun", "EditCall", "BlockCall", "BlockwiseCall"}
+
+
 def _memory() -> dict:
-    """What the server process holds: open Speculative Cache runs, the bytes of every stream
-    cache still alive, all torch tensors, and the resident memory."""
+    """What the server process holds: the pack's run objects still alive (any, after a prompt,
+    is a leak), the open step-cache runs, the bytes of every cache the pack keeps (step-cache
+    streams, Edit Region context and residuals, Token Pruning caches), all torch tensors, and
+    the resident memory."""
     import gc
     import os
     import warnings
 
     import torch
+    from devkit.comfy_server import PACK_DIR_NAME
     gc.collect()
-    runs = streams = tensors = 0
-    open_runs, cache_bytes = 0, 0
+    runs_alive = streams = tensors = open_runs = cache_bytes = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for o in gc.get_objects():
-            name = type(o).__name__
-            if name == "SpeculativeRun":
-                runs += 1
-                open_runs += not o.closed
-            elif name == "StreamCache":
+            kind = type(o)
+            if kind.__name__ in RUN_CLASSES and PACK_DIR_NAME in kind.__module__:
+                runs_alive += 1
+                open_runs += kind.__name__ == "SpeculativeRun" and not o.closed
+                if kind.__name__ == "EditRun":      # kept keys and values, served residuals
+                    cache_bytes += sum(t.numel() * t.element_size() for blocks in o.context.values()
+                                       for kept in blocks.values() for _, *kv in kept for t in kv)
+                    cache_bytes += sum(t.numel() * t.element_size() for blocks in o.residuals.values()
+                                       for t in blocks.values())
+                elif kind.__name__ == "PruningRun":
+                    cache_bytes += int(o.stats.cache_bytes)
+            elif kind.__name__ == "StreamCache":
                 streams += 1
                 cache_bytes += o.nbytes()
             elif isinstance(o, torch.Tensor):
                 tensors += 1
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return {"runs": runs, "open_runs": open_runs, "streams": streams, "cache_bytes": cache_bytes,
+    return {"runs_alive": runs_alive, "open_runs": open_runs, "streams": streams, "cache_bytes": cache_bytes,
             "tensors": tensors, "rss": rss}
 
 
-try:  # a route for the soak test (benchmarks/soak.py): memory held after many prompts
+_finals: dict = {}
+
+
+def _finals_of_the_other_nodes() -> dict:
+    """Final stats of every Edit Region and Token Pruning run since the first call (they send
+    no UI event: the soak reads them here)."""
+    if not _finals:
+        for key, module, feature in (("edit", "nodes.edit_region.region", "EDIT"),
+                                     ("pruning", "nodes.token_pruning.pruning", "PRUNING")):
+            _finals[key] = []
+            getattr(_pack_module(module), feature).listeners.append(
+                lambda node_id, stats, final, key=key: final and _finals[key].append(dict(stats)))
+    return _finals
+
+
+try:  # routes for the soak test (benchmarks/soak.py): memory held after many prompts, final stats
     from aiohttp import web
     from server import PromptServer
 
     @PromptServer.instance.routes.get("/sc_test/memory")
     async def _memory_route(request):
         return web.json_response(_memory())
+
+    @PromptServer.instance.routes.get("/sc_test/finals")
+    async def _finals_route(request):
+        return web.json_response(_finals_of_the_other_nodes())
 except Exception:  # not inside a ComfyUI server
     pass
