@@ -282,17 +282,20 @@ def test_an_error_of_the_model_reaches_the_user_unchanged_and_is_not_run_twice(
     assert not stats.get("internal_error") and not stats.get("disabled")   # not blamed on the pack
 
 
-@pytest.mark.parametrize("path", ["auto", "probe", "block granularity", "token pruning"])
+@pytest.mark.parametrize("path", list(PATHS))
 def test_an_interrupt_surfaces_even_when_our_cleanup_fails_and_nothing_stays(
-        spec_nodes, flux, sd15, monkeypatch, caplog, path):
+        spec_nodes, flux, sd15, wan21, monkeypatch, caplog, path):
+    """Every path interrupted mid-run (the Edit Region's: test_comfy_edit_region.py)."""
     import comfy.ldm.flux.layers as flux_layers
     import comfy.model_management as mm
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    models = {"flux": flux, "sd15": sd15}
+    from comfy.ldm.wan.model import WanAttentionBlock
+    models = {"flux": flux, "sd15": sd15, "wan21": wan21}
     feature, run = PATHS[path]
     run(spec_nodes, models)
     before = live_tensor_count()
-    cls = BasicTransformerBlock if path == "token pruning" else flux_layers.DoubleStreamBlock
+    cls = {"token pruning": BasicTransformerBlock, "context windows": WanAttentionBlock}.get(
+        path, flux_layers.DoubleStreamBlock)
     _failing_block(monkeypatch, cls, on_call=7, error=mm.InterruptProcessingException())
     finish_owner = (pack("nodes.token_pruning.pruning").PruningRun if feature == "pruning"
                     else pack("nodes.step_cache.run_context").RunContext)
