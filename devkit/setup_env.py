@@ -167,7 +167,8 @@ def test(pytest_args: list[str]) -> int:
             overlay = overlay_dir(path)
             if overlay.is_dir():
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(overlay), env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "pytest", "-q", "tests", *pytest_args]
+        # (the slowest tests of each version, to keep the three within CI's time)
+        cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15", "tests", *pytest_args]
         if not first:
             cmd += ["-m", "comfy"]
         print(f"\n===== tests on {label}{'' if first else ' (ComfyUI tests only)'}: {' '.join(cmd[2:])}", flush=True)

@@ -35,6 +35,7 @@ from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
 
 from ...cache_core.edit_region import RefreshSchedule, partial_cost, token_mask
 from ...cache_core.families import EDIT_REGION, family_of
+from ...cache_core.per_thread import PerThread
 from ...cache_core.schedule import step_index
 from ..runtime import guard
 from ..runtime.block_patch import ChainedBlockPatch, install_block_patches
@@ -108,6 +109,10 @@ def supports(diffusion_model) -> bool:
 class EditRun(FeatureRun):
     """One sampling run's state: the mask, the schedule and each stream's kept context."""
 
+    # The EditCall of the model call under way, the calling thread's own (MultiGPU CFG Split:
+    # one thread per device, cache_core/per_thread.py)
+    active = PerThread()
+
     def __init__(self, settings: EditRegionSettings, mask: torch.Tensor, sigmas, diffusion_model):
         self.settings = settings
         self.mask = mask
@@ -126,7 +131,6 @@ class EditRun(FeatureRun):
         self.text_tokens: dict = {}        # stream -> text tokens (seen by the double blocks)
         self.stats = EditStats()
         self.context_order = settings.context_order
-        self.active: EditCall | None = None
         self.checked = False
 
     def disable(self, reason: str):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ...cache_core import CacheConfig, SpeculativeRun
+from ...cache_core.per_thread import PerThread
 from ...cache_core.schedule import step_index
 from ..runtime.feature import Feature, FeatureRun
 from ..runtime.log import log, log_failure
@@ -34,6 +35,10 @@ class CacheSettings:
 class RunContext(FeatureRun):
     """Glue-level state of one sampling run (lives only while the run lasts)."""
 
+    # The BlockCall of the model call under way, the calling thread's own: MultiGPU CFG Split
+    # runs a step's calls concurrently, one thread per device (cache_core/per_thread.py)
+    active = PerThread()
+
     def __init__(self, settings: CacheSettings, run: SpeculativeRun, adapter, sample_sigmas):
         self.settings = settings
         self.run = run
@@ -41,7 +46,6 @@ class RunContext(FeatureRun):
         self.sample_sigmas = [float(s) for s in sample_sigmas]
         self.steps_done = 0
         self.callback_seen = False
-        self.active = None              # the BlockCall of the model call under way
         self.stack_ok = isinstance(adapter, StackAdapter)
         self.diffusion_model_seen = False
         self.apply_model_calls = 0

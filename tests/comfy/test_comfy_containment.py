@@ -313,6 +313,16 @@ def test_an_interrupt_surfaces_even_when_our_cleanup_fails_and_nothing_stays(
 
 # ---- a call made again gets its inputs intact ------------------------------------------------
 
+def _sample_with_controlnet(patcher, name, controlnet, hint, **sample_kw):
+    """6 steps of the tiny ``name`` with ``controlnet`` (None: none) on both conditionings."""
+    positive, negative = tm.conditioning(name)
+    if controlnet is not None:
+        c = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
+        positive, negative = ([[t, dict(d, control=c, control_apply_to_uncond=True)] for t, d in cond]
+                              for cond in (positive, negative))
+    return tm.sample(patcher, name, steps=6, positive=positive, negative=negative, **sample_kw)
+
+
 def _tiny_unet_controlnet(seed=9):
     """ComfyUI's U-Net ControlNet class (cldm) with the tiny SD1.5's layout, random weights
     large enough to move the picture."""
@@ -342,12 +352,7 @@ def test_a_call_made_again_after_our_error_gets_the_controlnet_residuals_intact(
     hint = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
 
     def sample(patcher, control=True):
-        positive, negative = tm.conditioning("sd15")
-        if control:
-            c = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
-            positive, negative = ([[t, dict(d, control=c, control_apply_to_uncond=True)] for t, d in cond]
-                                  for cond in (positive, negative))
-        return tm.sample(patcher, "sd15", steps=6, cfg=5.0, positive=positive, negative=negative)
+        return _sample_with_controlnet(patcher, "sd15", controlnet if control else None, hint, cfg=5.0)
 
     reference = sample(sd15)
     assert not torch.equal(reference, sample(sd15, control=False))          # the ControlNet acts
@@ -410,12 +415,7 @@ def test_a_call_made_again_after_our_error_gets_the_flux_controlnet_residuals_in
     hint = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
 
     def sample(patcher, control=True):
-        positive, negative = tm.conditioning("flux")
-        if control:
-            c = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
-            positive, negative = ([[t, dict(d, control=c, control_apply_to_uncond=True)] for t, d in cond]
-                                  for cond in (positive, negative))
-        return tm.sample(patcher, "flux", steps=6, positive=positive, negative=negative)
+        return _sample_with_controlnet(patcher, "flux", controlnet if control else None, hint)
 
     reference = sample(flux)
     assert not torch.equal(reference, sample(flux, control=False))          # the ControlNet acts

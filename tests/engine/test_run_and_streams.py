@@ -95,3 +95,32 @@ def test_summary_line_has_the_numbers(core):
     for piece in ("20 steps", "computed", "forecast", "rejected", "compute fraction", "speedup", "MiB"):
         assert piece in line
     assert math.isclose(stats.to_dict()["speedup"], 1 / stats.compute_fraction, rel_tol=1e-3)
+
+
+def test_a_per_thread_attribute_keeps_one_value_per_thread(core):
+    """MultiGPU CFG Split runs a step's model calls in one thread per device on one run: the call
+    in flight is each thread's own."""
+    import threading
+    from importlib import import_module
+    PerThread = import_module(core.__name__ + ".per_thread").PerThread
+
+    class Run:
+        active = PerThread()
+
+    run = Run()
+    run.active = "main"
+    seen = {}
+    started = threading.Barrier(2)
+
+    def worker(name):
+        assert run.active is None                 # a new thread starts with the default
+        run.active = name
+        started.wait()                            # both threads have set theirs
+        seen[name] = run.active
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("cond", "uncond")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"cond": "cond", "uncond": "uncond"} and run.active == "main"
