@@ -113,7 +113,8 @@ class EditRun(FeatureRun):
     # one thread per device, cache_core/per_thread.py)
     active = PerThread()
 
-    def __init__(self, settings: EditRegionSettings, mask: torch.Tensor, sigmas, diffusion_model):
+    def __init__(self, settings: EditRegionSettings, mask: torch.Tensor, sigmas, diffusion_model,
+                 compute_dtype: torch.dtype = torch.float32):
         self.settings = settings
         self.mask = mask
         self.sample_sigmas = [float(s) for s in sigmas]
@@ -123,7 +124,7 @@ class EditRun(FeatureRun):
         self.n_double = len(diffusion_model.double_blocks)
         self.n_single = len(diffusion_model.single_blocks)
         self.hidden_size = int(getattr(diffusion_model, "hidden_size", 0))
-        self.element_size = torch.empty((), dtype=getattr(diffusion_model, "dtype", None) or torch.float32).element_size()
+        self.element_size = torch.empty((), dtype=compute_dtype).element_size()
         self.regions: dict = {}            # latent (h, w) -> (region index, outside index, grid tokens)
         self.context: dict = {}            # stream -> {block key: [(sigma, k, v), ...] oldest first}
         self.residuals: dict = {}          # stream -> {block key: residual of the outside tokens}
@@ -346,7 +347,10 @@ def _start_run(guider, settings: EditRegionSettings, args, kwargs) -> EditRun | 
         warn_once(f"Speculative Cache Edit Region: {type(diffusion_model).__name__} is not supported yet "
                   "(Flux-class models are); sampling unchanged.")
         return None
-    return EditRun(settings, mask, sampler_sigmas(args, kwargs), diffusion_model)
+    base = guider.model_patcher.model
+    # the dtype the kept keys and values are in: the compute dtype (fp8 weights compute in bf16/fp32)
+    compute_dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return EditRun(settings, mask, sampler_sigmas(args, kwargs), diffusion_model, compute_dtype)
 
 
 outer_sample_wrapper = EDIT.sampling_wrapper(_start_run)
