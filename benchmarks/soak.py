@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 
-from devkit.comfy_server import ComfyServer, api_graph, widget_defaults
+from devkit.comfy_server import OTHER_NODES, ComfyServer, api_graph, other_node_graph, widget_defaults
 
 RESOLUTIONS = [(64, 64), (128, 128), (96, 128), (128, 64)]
 SETTINGS = ["auto", "auto_fast", "probe", "speed_target", "off", "options_block", "options_clusca",
@@ -34,41 +34,6 @@ SETTINGS = ["auto", "auto_fast", "probe", "speed_target", "off", "options_block"
 TINY_FLUX_BLOCKS = 4          # the test pack's model: 2 double + 2 single blocks
 RSS_MARGIN = 200 * 2**20      # resident memory may move this much after warm-up (allocator, caches)
 TENSORS_PER_PROMPT = 0.1      # live tensors may differ this much per prompt after warm-up
-
-
-def _other_node_graph(setting: str, steps: int, cfg: float, seed: int, width: int, height: int, batch: int,
-                      main: dict) -> dict:
-    """Edit Region (a tiny FLUX Fill, an inpainting mask) or Token Pruning (a tiny SD1.5), with
-    the main node after it for the "_cached" settings."""
-    edit = setting.startswith("edit_region")
-    family = "flux_fill" if edit else "sd15"
-    node = ({"class_type": "SpeculativeCacheEditRegion", "inputs": {
-                "model": ["1", 0], "margin": 1, "refresh_interval": 3, "final_refresh_steps": 1, "context": "linear"}}
-            if edit else
-            {"class_type": "SpeculativeCacheTokenPruning", "inputs": {
-                "model": ["1", 0], "ratio": 0.5, "refresh_interval": 3, "layers": "self-attention"}})
-    g = {
-        "1": {"class_type": "SCTestTinyModel", "inputs": {"family": family, "seed": 0}},
-        "20": node,
-        "2": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": False}},
-        "6": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": True}},
-        "4": {"class_type": "KSampler", "inputs": {
-            "model": ["20", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
-            "scheduler": "simple", "positive": ["2", 0], "negative": ["6", 0], "latent_image": ["3", 0],
-            "denoise": 1.0}},
-        "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
-    }
-    if edit:     # FLUX Fill's inpainting conditioning and the latent with its noise mask
-        g["7"] = {"class_type": "SCTestInpaintConditioning", "inputs": {
-            "positive": ["2", 0], "negative": ["6", 0], "width": width, "height": height}}
-        g["4"]["inputs"].update(positive=["7", 0], negative=["7", 1], latent_image=["7", 2])
-    else:        # the U-Net's latent: 8 x 8 pixels per latent pixel, at twice the FLUX sizes
-        g["3"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 2 * width, "height": 2 * height,
-                                                               "batch_size": batch}}
-    if setting.endswith("_cached"):
-        g["10"] = {"class_type": "SpeculativeCacheSimple", "inputs": {"model": ["20", 0], **main}}
-        g["4"]["inputs"]["model"] = ["10", 0]
-    return g
 
 
 class Soak:
@@ -114,8 +79,8 @@ class Soak:
         cfg, seed = r.choice([1.0, 2.0]), r.randrange(10_000)
         w, h = r.choice(RESOLUTIONS)
         batch = r.choice([1, 1, 2])
-        if setting.startswith(("edit_region", "token_pruning")):
-            return _other_node_graph(setting, steps, cfg, seed, w, h, batch, main), steps, setting
+        if setting.startswith(OTHER_NODES):
+            return other_node_graph(setting, steps, cfg, seed, w, h, batch, main), steps, setting
         g = api_graph(main, steps=steps, cfg=cfg, seed=seed, sc_type=sc_type, options=options)
         g["3"]["inputs"].update(width=w, height=h, batch_size=batch)
         return g, steps, setting
@@ -164,7 +129,7 @@ class Soak:
 
     def check_stats(self, i, setting, steps, finals, ended):
         where = f"prompt {i} ({setting}, {steps} steps, {ended})"
-        if setting.startswith(("edit_region", "token_pruning")) and not setting.endswith("_cached"):
+        if setting.startswith(OTHER_NODES) and not setting.endswith("_cached"):
             return                                  # no step cache in this graph
         if len(finals) != 1:
             self.problems.append(f"{where}: {len(finals)} final stats reports, expected 1")
@@ -220,7 +185,7 @@ class Soak:
             self.counts["completed"] += 1
         self.counts["settings"][setting] = self.counts["settings"].get(setting, 0) + 1
         self.check_stats(i, setting, steps, finals, ended)
-        if setting.startswith(("edit_region", "token_pruning")) and ended == "completed":
+        if setting.startswith(OTHER_NODES) and ended == "completed":
             self.check_other_nodes(i, setting, ended, before)
 
     def closing_prompt(self) -> dict:
@@ -238,7 +203,6 @@ class Soak:
         """``prompts`` prompts: first each setting once to the end (the warm-up: every tiny model
         built, every path taken), then random ones."""
         started = time.time()
-        self.warmup = len(SETTINGS)
         for i in range(prompts):
             if i == self.warmup:
                 baseline = self.closing_prompt()
@@ -253,7 +217,7 @@ class Soak:
         if end["runs_alive"] or end["open_runs"] or end["cache_bytes"]:
             self.problems.append(f"after the soak: {end['runs_alive']} run objects alive ({end['open_runs']} open), "
                                  f"{end['cache_bytes']} cached bytes")
-        margin = int(TENSORS_PER_PROMPT * (prompts - self.warmup))
+        margin = int(TENSORS_PER_PROMPT * max(0, prompts - self.warmup))
         if abs(end["tensors"] - baseline["tensors"]) > margin:
             self.problems.append(f"live tensors went from {baseline['tensors']} to {end['tensors']} "
                                  f"(margin {margin} for {prompts - self.warmup} prompts)")

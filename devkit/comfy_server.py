@@ -130,6 +130,46 @@ def api_graph(sc_inputs: dict, steps: int = 12, cfg: float = 2.0, seed: int = 3,
     return graph
 
 
+OTHER_NODES = ("edit_region", "token_pruning")     # the settings of other_node_graph
+
+
+def other_node_graph(setting: str, steps: int, cfg: float, seed: int, width: int, height: int, batch: int,
+                      main: dict) -> dict:
+    """API-format prompt for ``setting`` "edit_region[_cached]" or "token_pruning[_cached]": the
+    Edit Region (node "20") on a tiny FLUX Fill with an inpainting mask, or Token Pruning on a tiny
+    SD1.5, with the main node ("10", of inputs ``main``) after it for the "_cached" settings; then
+    KSampler ("4") -> sink ("5")."""
+    edit = setting.startswith(OTHER_NODES[0])
+    family = "flux_fill" if edit else "sd15"
+    node = ({"class_type": "SpeculativeCacheEditRegion", "inputs": {
+                "model": ["1", 0], "margin": 1, "refresh_interval": 3, "final_refresh_steps": 1, "context": "linear"}}
+            if edit else
+            {"class_type": "SpeculativeCacheTokenPruning", "inputs": {
+                "model": ["1", 0], "ratio": 0.5, "refresh_interval": 3, "layers": "self-attention"}})
+    g = {
+        "1": {"class_type": "SCTestTinyModel", "inputs": {"family": family, "seed": 0}},
+        "20": node,
+        "2": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": False}},
+        "6": {"class_type": "SCTestTextConditioning", "inputs": {"family": family, "seed": 1, "negative": True}},
+        "4": {"class_type": "KSampler", "inputs": {
+            "model": ["20", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+            "scheduler": "simple", "positive": ["2", 0], "negative": ["6", 0], "latent_image": ["3", 0],
+            "denoise": 1.0}},
+        "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
+    }
+    if edit:     # FLUX Fill's inpainting conditioning and the latent with its noise mask
+        g["7"] = {"class_type": "SCTestInpaintConditioning", "inputs": {
+            "positive": ["2", 0], "negative": ["6", 0], "width": width, "height": height}}
+        g["4"]["inputs"].update(positive=["7", 0], negative=["7", 1], latent_image=["7", 2])
+    else:        # the U-Net's latent: 8 x 8 pixels per latent pixel, at twice the FLUX sizes
+        g["3"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 2 * width, "height": 2 * height,
+                                                               "batch_size": batch}}
+    if setting.endswith("_cached"):
+        g["10"] = {"class_type": "SpeculativeCacheSimple", "inputs": {"model": ["20", 0], **main}}
+        g["4"]["inputs"]["model"] = ["10", 0]
+    return g
+
+
 def ui_graph(sc_widgets: list, steps: int = 12, sc_type: str = "SpeculativeCacheSimple",
              options_widgets: list | None = None, options_type: str = OPTIONS_TYPE) -> dict:
     """The same graph in the frontend's (UI) format, for the browser test; with

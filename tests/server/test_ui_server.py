@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.comfy_server import ComfyServer, api_graph, widget_defaults
+from devkit.comfy_server import ComfyServer, api_graph, other_node_graph, widget_defaults
 from conftest import COMFYUI
 
 pytestmark = pytest.mark.comfy
@@ -308,19 +308,8 @@ def _failing_graph(graph, where):
     return graph
 
 
-def _pruning_graph(seed=3):
-    return {
-        "1": {"class_type": "SCTestTinyModel", "inputs": {"family": "sd15", "seed": 0}},
-        "10": {"class_type": "SpeculativeCacheTokenPruning", "inputs": {"model": ["1", 0], "ratio": 0.5,
-                                                                         "refresh_interval": 3, "layers": "self-attention"}},
-        "2": {"class_type": "SCTestTextConditioning", "inputs": {"family": "sd15", "seed": 1, "negative": False}},
-        "6": {"class_type": "SCTestTextConditioning", "inputs": {"family": "sd15", "seed": 1, "negative": True}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-        "4": {"class_type": "KSampler", "inputs": {
-            "model": ["10", 0], "seed": seed, "steps": 8, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["2", 0], "negative": ["6", 0], "latent_image": ["3", 0], "denoise": 1.0}},
-        "5": {"class_type": "SCTestLatentSink", "inputs": {"samples": ["4", 0]}},
-    }
+def _pruning_graph():
+    return other_node_graph("token_pruning", steps=8, cfg=5.0, seed=3, width=128, height=128, batch=1, main={})
 
 
 SERVED_FAULTS = {
