@@ -2,11 +2,17 @@
 
 The ComfyUI glue creates one ``SpeculativeRun`` when sampling starts, calls
 ``begin_evaluation`` once per model evaluation, opens a ``Chunk`` for each batch the
-model is called with, and calls ``close`` when the run ends (also on error)."""
+model is called with, and calls ``close`` when the run ends (also on error).
+
+An evaluation's chunks may run concurrently, one thread per device (ComfyUI's MultiGPU CFG
+Split): what they add to the run (units, outcome, errors) goes through one lock, and what the
+policy learns from an evaluation (its verification or lookback error, the worst of its chunks)
+is booked once, when the evaluation ends, whatever order the chunks finished in."""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -18,7 +24,8 @@ from .policy import Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
 from .target import SpeedTarget, place_cond_only, plan_schedule, planned_budget
-from .verifier import Verifier, relative_norm
+from .agreement import RankAgreement
+from .verifier import Verifier, metric_from_sums, metric_sums, relative_norm
 
 
 def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
@@ -56,6 +63,9 @@ class SpeculativeRun:
             self.policy.max_forecasts = min(config.max_forecast_steps, self.target.streak_cap)
             if config.plans_target:
                 self._plan_target(total_steps, sigmas, cond_only)
+        # the ranks that run this picture together (sequence parallelism, FSDP) agree on every
+        # decision taken from a tensor; on one process: inactive
+        self.agreement = RankAgreement.from_environment()
         self.tolerance_scale = 1.0  # 1, or the config's uncorrected_threshold_scale (note_correction)
         self.correction = None      # the trajectory correction the glue attached (correction.py), or None
         self._allowed = None        # the speed target's allowed cost for this evaluation
@@ -63,7 +73,12 @@ class SpeculativeRun:
         self.time = float("nan")
         self.decision: Decision | None = None
         self._eval_outcome = None
-        self._eval_lookback = None     # the worst lookback error measured in this evaluation
+        self._eval_lookback = None     # (worst lookback error, threshold) measured in this evaluation
+        self._eval_verified = None     # (worst verification error, threshold, every chunk passed)
+        self._call_outcomes = set()    # the outcomes of the chunks of the sampler's current call
+        self._recompute_from = None
+        self._decision_before_recompute = None
+        self._lock = threading.Lock()  # chunks of one evaluation may finish in several threads
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
 
@@ -109,7 +124,46 @@ class SpeculativeRun:
                                                          st.evaluations)
         self.stats.evaluations += 1
         self._eval_outcome = None
+        self._call_outcomes = set()
         return self.decision
+
+    def begin_call(self) -> None:
+        """A call of the sampler's batch function begins (every stream of the evaluation, or
+        one context window's): ``needs_recompute`` looks at its chunks only."""
+        self._call_outcomes = set()
+
+    def needs_recompute(self) -> bool:
+        """Whether the sampler's current call must be made again with every chunk computed: a
+        chunk's forecast was rejected in "redo" mode (the call is recomputed whole, as one batch
+        would be), or its chunks came back mixed, one keeping a forecast while another computed
+        (a forecast that could not be used). One batch takes one outcome for all its streams;
+        when ComfyUI splits the batch (MultiGPU CFG Split: one chunk per device; a batch too big
+        for memory) the picture must not depend on the split."""
+        outcomes = self._call_outcomes
+        redo = self.config.on_reject == "redo"
+        if redo and REJECTED in outcomes:
+            return True
+        kept = {FORECAST} if redo else {FORECAST, REJECTED}
+        return bool(outcomes & kept) and bool(outcomes - kept)
+
+    def recompute_evaluation(self) -> None:
+        """Compute the current call again, all of it (after ``needs_recompute``): its chunks
+        record their features at this time again (a forecaster replaces a point at the same
+        time); the units they spend count, their full units do not count twice."""
+        self._decision_before_recompute = self.decision
+        self.decision = Decision(StepMode.FULL, reason="recompute")
+        self._call_outcomes = set()
+        with self._lock:
+            self._recompute_from = (self.stats.block_units_full, self._eval_outcome)
+
+    def end_recompute(self) -> None:
+        """The evaluation stays booked as what it was (rejected, recomputed), over the same
+        full units; the recomputation's units count as spent."""
+        with self._lock:
+            if self._recompute_from is not None:
+                self.stats.block_units_full, self._eval_outcome = self._recompute_from
+                self.decision = self._decision_before_recompute
+                self._recompute_from = None
 
     def book_partial_evaluation(self, share: float) -> None:
         """The current evaluation ran ``share`` of its batch (a cond-only step): book it as that
@@ -166,8 +220,10 @@ class SpeculativeRun:
 
     def _mark(self, outcome: str) -> None:
         # An evaluation is as bad as its worst chunk: computed > rejected > forecast.
-        if self._eval_outcome is None or self._RANK[outcome] > self._RANK[self._eval_outcome]:
-            self._eval_outcome = outcome
+        with self._lock:
+            self._call_outcomes.add(outcome)
+            if self._eval_outcome is None or self._RANK[outcome] > self._RANK[self._eval_outcome]:
+                self._eval_outcome = outcome
 
     def current_outcome(self) -> str | None:
         """The current evaluation's outcome so far (its worst chunk), None before any chunk."""
@@ -177,8 +233,21 @@ class SpeculativeRun:
         """Book the current evaluation (also done by the next ``begin_evaluation``)."""
         outcome, self._eval_outcome = self._eval_outcome, None
         lookback, self._eval_lookback = self._eval_lookback, None
+        verified, self._eval_verified = self._eval_verified, None
         if outcome is None:
             return
+        evaluation = self.stats.evaluations - 1
+        if verified is not None:
+            error, tau, ok = verified
+            self.policy.record_error(error)
+            self.stats.verified += 1
+            self.stats.errors.append((evaluation, self.time, error, tau, ok))
+            self.stats.rejected += int(not ok)
+        if lookback is not None:
+            error, tau = lookback
+            self.stats.looked_back += 1
+            self.stats.errors.append((evaluation, self.time, error, tau, Verifier.accepts_below(error, tau)))
+            lookback = error
         if self._allowed is not None:
             units0, full0 = self._eval_start_units
             full = self.stats.block_units_full - full0
@@ -258,7 +327,8 @@ class Chunk:
         self.errors: list[float] = []
         self.rejected = False
         self.nonfinite = False
-        run.stats.block_units_full += self.units_full
+        with run._lock:
+            run.stats.block_units_full += self.units_full
         for s in self.streams():
             if s.set_weights(weights_key):
                 run.stats.weight_changes += 1
@@ -310,15 +380,18 @@ class Chunk:
         if rows is not None:
             pred, real = pred.index_select(1, rows), real.index_select(1, rows)
         tau = run.threshold()
-        for p, r, a in zip(self.split(pred), self.split(real), anchors):
-            err = run.verifier.error(p, r, a)
+        agreement = run.agreement
+        errors = [run.verifier.sharded_error(p, r, a, agreement) if agreement.shards else run.verifier.error(p, r, a)
+                  for p, r, a in zip(self.split(pred), self.split(real), anchors)]
+        for err in agreement.worst(errors):     # (the same errors on every rank; unchanged on one)
             self.errors.append(err)
             ok = ok and run.verifier.accepts_below(err, tau)
-        run.policy.record_error(max(self.errors))
-        run.stats.verified += 1
-        run.stats.errors.append((run.stats.evaluations - 1, run.time, max(self.errors), tau, ok))
+        # booked when the evaluation ends: its worst chunk, once (SpeculativeRun.end_evaluation)
+        with run._lock:
+            seen = run._eval_verified
+            worst = max(self.errors) if seen is None else max(seen[0], max(self.errors))
+            run._eval_verified = (worst, tau, ok if seen is None else (seen[2] and ok))
         if not ok:
-            run.stats.rejected += 1
             self.rejected = True
         return ok
 
@@ -328,17 +401,24 @@ class Chunk:
         the next forecasts while the error predicted from this one stays under the threshold."""
         run = self.run
         # max() would pass over a NaN stream, so a non-finite stream counts as infinite first
-        errors = [relative_norm(p, r) for p, r in zip(self.split(pred), self.split(real))]
+        agreement = run.agreement
+        if agreement.shards:
+            errors = [metric_from_sums("relative_norm", agreement.sum_shards(metric_sums("relative_norm", p, r)))
+                      for p, r in zip(self.split(pred), self.split(real))]
+        else:
+            errors = [relative_norm(p, r) for p, r in zip(self.split(pred), self.split(real))]
+        errors = agreement.worst(errors)
         err = max(e if math.isfinite(e) else float("inf") for e in errors)
-        run._eval_lookback = err if run._eval_lookback is None else max(run._eval_lookback, err)
-        run.stats.looked_back += 1
         tau = run.threshold()
-        run.stats.errors.append((run.stats.evaluations - 1, run.time, err, tau, Verifier.accepts_below(err, tau)))
+        with run._lock:     # booked when the evaluation ends, its worst chunk once
+            seen = run._eval_lookback
+            run._eval_lookback = (err if seen is None else max(seen[0], err), tau)
         return err
 
     def add_units(self, units: float) -> None:
         self.units += units
-        self.run.stats.block_units += units
+        with self.run._lock:
+            self.run.stats.block_units += units
 
     def finish(self, outcome: str) -> None:
         """outcome: COMPUTED, FORECAST or REJECTED (forecast rejected and kept, "next" mode)."""

@@ -42,6 +42,33 @@ _METRICS = {"relative_l1": relative_l1, "relative_norm": relative_norm, "relativ
 NEEDS_ANCHOR = {"relative_change"}
 
 
+# The metrics as sums over elements, for a tensor split between ranks (sequence parallelism):
+# the ranks add up their shards' sums (agreement.RankAgreement.sum_shards) and every rank gets
+# the metric of the whole tensor. On one process the metrics above are used as they are.
+def metric_sums(metric: str, pred: torch.Tensor, real: torch.Tensor, anchor: torch.Tensor | None = None,
+                eps: float = 1e-10) -> torch.Tensor:
+    p, r = pred.detach().double(), real.detach().double()
+    if metric == "relative_l1":
+        return torch.stack([((p - r).abs() / (r.abs() + eps)).sum(), torch.tensor(float(p.numel()), dtype=torch.float64)])
+    if metric == "relative_norm":
+        return torch.stack([(p - r).square().sum(), r.square().sum()])
+    if anchor is None or anchor.shape != real.shape:
+        return torch.full((3,), float("inf"), dtype=torch.float64)
+    a = anchor.detach().double()
+    return torch.stack([(p - r).square().sum(), (r - a).square().sum(), r.square().sum()])
+
+
+def metric_from_sums(metric: str, sums: torch.Tensor, floor: float = 1e-3) -> float:
+    s = [float(v) for v in sums]
+    if metric == "relative_l1":
+        return s[0] / max(s[1], 1.0)
+    if metric == "relative_norm":
+        return math.sqrt(s[0]) / (math.sqrt(s[1]) + 1e-12)
+    if not all(math.isfinite(v) for v in s):
+        return float("inf")
+    return math.sqrt(s[0]) / (max(math.sqrt(s[1]), floor * math.sqrt(s[2])) + 1e-12)
+
+
 class Verifier:
     """Error metric plus the threshold schedule tau(p) = max(base * decay**p, floor)."""
 
@@ -68,6 +95,11 @@ class Verifier:
                 return float("inf")     # cannot be judged: a rejection
             return self.metric(pred, real, anchor)
         return self.metric(pred, real)
+
+    def sharded_error(self, pred: torch.Tensor, real: torch.Tensor, anchor: torch.Tensor | None, agreement) -> float:
+        """``error`` of a tensor whose tokens are split between the ranks of ``agreement``'s
+        sequence group: every rank gets the error of the whole tensor."""
+        return metric_from_sums(self.metric_name, agreement.sum_shards(metric_sums(self.metric_name, pred, real, anchor)))
 
     def accepts(self, error: float, progress: float) -> bool:
         """A non-finite error, or any error at a zero threshold, is a rejection."""

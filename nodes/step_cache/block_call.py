@@ -76,7 +76,7 @@ class BlockCall:
         stage, first, _ = loc
         # Every input the forward may read back (SD3's last block is read for "txt" too).
         passthrough = {k: v for k, v in args.items() if k != "transformer_options"}
-        if self.failed:
+        if blockwise.stops_at_failure(self):
             return passthrough
         if stage.verify and self.verify:
             # SpeCa: run the real last block on the forecast input and compare its

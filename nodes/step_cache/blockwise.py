@@ -63,16 +63,24 @@ def capture(block, names: dict):
 def checked_prediction(call, feature: str, like: torch.Tensor):
     """The forecast of ``feature`` for this call's chunk, in ``like``'s dtype; None (and
     ``call.failed`` set, so the step is computed) when its shape no longer fits or it is
-    not finite."""
+    not finite. Among ranks that run one picture together (``run.agreement``) a failure must
+    not change which blocks run on this rank alone: zeros stand in, the call goes on as on
+    the other ranks, and the ranks agree afterwards to compute the step."""
     pred = call.chunk.predict(feature)
     if pred.shape != like.shape:
         call.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(like.shape)}"
-        return None
-    if not bool(torch.isfinite(pred).all()):
+    elif not bool(torch.isfinite(pred).all()):
         call.failed = "non-finite forecast"
         call.ctx.run.stats.nonfinite += 1
-        return None
-    return pred.to(like.dtype)
+    else:
+        return pred.to(like.dtype)
+    return torch.zeros_like(like) if call.ctx.run.agreement.active else None
+
+
+def stops_at_failure(call) -> bool:
+    """Whether a failed forecast call stops running blocks (on one process it does; ranks keep
+    the other ranks' control flow, see ``checked_prediction``)."""
+    return bool(call.failed) and not call.ctx.run.agreement.active
 
 
 def double_block_modulation(blk, vec):
@@ -99,8 +107,13 @@ def _gate(tensor, gate, dims):
 class BlockwiseCall:
     """What the block patches do during one model call at block granularity."""
 
-    def __init__(self, ctx, chunk, forecast: bool, verify: bool):
+    def __init__(self, ctx, chunk, forecast: bool, verify: bool, model=None):
         self.ctx = ctx
+        # The diffusion model this call runs: under MultiGPU CFG Split each device has its own
+        # deep clone, and a call's hooks must go on its own clone's blocks (on the first
+        # clone they would capture another thread's outputs)
+        self.model = model if model is not None else ctx.diffusion_model
+        self.generator = ctx.generator_for(chunk.keys)
         self.chunk = chunk
         self.forecast = forecast
         self.verify = verify
@@ -115,7 +128,7 @@ class BlockwiseCall:
         self.received = None      # token tiers: attention received, summed over double blocks
 
     def module(self, key):
-        return getattr(self.ctx.diffusion_model, ATTR[key[0]])[key[1]]
+        return getattr(self.model, ATTR[key[0]])[key[1]]
 
     @staticmethod
     def feature(key, name):
@@ -158,7 +171,7 @@ class BlockwiseCall:
                 q, k = a[0], a[1]
                 if kw.get("skip_reshape") and k.ndim == 4 and k.shape[2] == n_img + n_txt and q.shape == k.shape:
                     got = token_tiers.attention_received(q.detach(), k.detach(), columns,
-                                                         generator=self.ctx.generator)
+                                                         generator=self.generator)
                     self.received = got if self.received is None or self.received.shape != got.shape \
                         else self.received + got
             if previous is not None:
@@ -176,7 +189,7 @@ class BlockwiseCall:
     def _cluster(self, img):
         """K-means of the image tokens after the last double block, per stream and row,
         warm-started from the previous computed step's centroids."""
-        gen = self.ctx.generator
+        gen = self.generator
         for stream, rows in zip(self.chunk.streams(), self.chunk.split(img)):
             labels, cent = kmeans(rows, self.config.clusters, init=stream.aux.get("centroids"), generator=gen)
             stream.aux["labels"], stream.aux["centroids"] = labels, cent
@@ -187,7 +200,7 @@ class BlockwiseCall:
 
     def _forecast_block(self, key, args, run_block):
         passthrough = {t: args[t] for t in ("img", "txt") if t in args}
-        if self.failed:
+        if stops_at_failure(self):
             return passthrough
         blk = self.module(key)
         if key == self.last_key and self.verify:
@@ -241,7 +254,7 @@ class BlockwiseCall:
             forecaster = stream.forecasters[name]
             k = stream.aux["centroids"].shape[1]
             forecaster.set_anchor(refresh_mlp_anchor(blk, rows, labels, k, scale, shift, forecaster.get_anchor(),
-                                                     self.config.gamma, self.ctx.generator))
+                                                     self.config.gamma, self.generator))
             parts.append(forecaster.predict(self.chunk.run.time))
             self.chunk.add_units(k / max(rows.shape[1], 1) * 0.5)   # about half a block's work per token
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)

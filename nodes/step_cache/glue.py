@@ -139,10 +139,30 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
                 ctx.run.begin_evaluation(sigma, step)
         except Exception as e:
             guard.give_up(ctx, "evaluation start", e)
-        if ctx.guidance is not None and not ctx.run.closed:
-            return guard.cached_call(ctx, executor, args, kwargs,
-                                     lambda ex, a, kw: cond_only.calc_cond_batch(ctx, ex, a, kw))
+        if not ctx.run.closed:
+            if ctx.guidance is not None:
+                return guard.cached_call(ctx, executor, args, kwargs,
+                                         lambda ex, a, kw: cond_only.calc_cond_batch(ctx, _one_outcome(ctx, ex), a, kw))
+            return _one_outcome(ctx, executor)(*args, **kwargs)
     return executor(*args, **kwargs)
+
+
+def _one_outcome(ctx, executor):
+    """``executor`` (the sampler's batch function), made again with every chunk computed when a
+    forecast of the call was rejected in "redo" mode or its chunks came back mixed
+    (SpeculativeRun.needs_recompute): the call's streams take one outcome, whether they ran in
+    one batch or, under MultiGPU CFG Split, as one chunk per device in concurrent threads."""
+    def call(*args, **kwargs):
+        ctx.run.begin_call()
+        out = executor(*args, **kwargs)
+        if not ctx.run.closed and ctx.run.needs_recompute():
+            ctx.run.recompute_evaluation()
+            try:
+                out = executor(*args, **kwargs)
+            finally:
+                ctx.run.end_recompute()
+        return out
+    return call
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -258,7 +278,7 @@ def _output_forward(ctx, executor, args, kwargs, to, name, space: OutputSpace):
     if decision.forecast and chunk.can_forecast((name,)):
         pred = space.decode(chunk.predict(name), x, sigma)
         finite = pred is not None and bool(torch.isfinite(pred).all())
-        if finite and pred.shape[0] == x.shape[0]:
+        if not ctx.run.agreement.any(not (finite and pred.shape[0] == x.shape[0])):
             chunk.finish(FORECAST)
             return pred
         ctx.run.stats.nonfinite += int(pred is not None and not finite)
@@ -279,19 +299,30 @@ def _stack_forward(ctx, executor, args, kwargs, to, space: OutputSpace):
     x = args[0]
     chunk = run.chunk(_stream_keys(to, x.shape[0]), x.shape[0], float(len(plan)), ctx.weights_key())
     decision = run.decision
-    make_call = blockwise.BlockwiseCall if ctx.blockwise else BlockCall
+    module = executor.class_obj
+
+    def make_call(ctx, chunk, forecast, verify):
+        if ctx.blockwise:
+            return blockwise.BlockwiseCall(ctx, chunk, forecast, verify, model=module)
+        return BlockCall(ctx, chunk, forecast=forecast, verify=verify)
     if decision.forecast and chunk.can_forecast(ctx.features):
         call = ctx.active = make_call(ctx, chunk, forecast=True, verify=decision.verify)
         try:
             out = executor(*args, **kwargs)
         finally:
             ctx.active = None
-        if call.failed:
-            warn_once(f"Speculative Cache: a forecast could not be used ({call.failed}); computing the step.")
-        elif call.rejected and run.config.on_reject == "redo":
-            pass  # recompute below
-        elif not bool(torch.isfinite(out).all()):
-            run.stats.nonfinite += 1
+        redo = call.rejected and run.config.on_reject == "redo"
+        finite = redo or bool(torch.isfinite(out).all())
+        # (ranks that run one picture together compute the step if any of them must)
+        if run.agreement.any(bool(call.failed) or not finite):
+            if call.failed:
+                warn_once(f"Speculative Cache: a forecast could not be used ({call.failed}); computing the step.")
+            elif not finite:
+                run.stats.nonfinite += 1
+        elif redo:
+            # the sampler's call is made again, all of it (_one_outcome)
+            chunk.finish(REJECTED)
+            return out
         else:
             if ctx.serving.serve_output and chunk.can_forecast(("served",)):
                 served = space.decode(chunk.predict("served"), x, run.sigma)

@@ -52,14 +52,20 @@ class RunContext(FeatureRun):
         self.nested_latent = False        # the diffusion model's input is several latents (a list)
         self.diffusion_model = None
         self.blockwise = False
-        # seeded, so that ClusCa's random representatives repeat from run to run
-        self.generator = torch.Generator().manual_seed(0)
+        self._generators = {}
         self.started = time.perf_counter()
         self.block_patches = None       # the block patches on the model when the run started
         self.base_model = None          # ComfyUI's BaseModel: its patcher knows the hooks applied now
         self.serving = None             # serving.Serving: what accepted forecast steps serve
         self.guidance = None            # cond_only.GuidanceDifference when cond-only steps are planned
         self.evaluations = context_windows.Evaluations()   # one evaluation for all context windows
+
+    def generator_for(self, stream_keys) -> torch.Generator:
+        """The random draws of ClusCa and the token tiers for a call of these streams: one
+        generator per set of streams, seeded, so that they repeat from run to run and two
+        devices' concurrent calls (MultiGPU CFG Split) never draw from one generator in
+        whatever order their threads happen to run."""
+        return self._generators.setdefault(tuple(stream_keys), torch.Generator().manual_seed(0))
 
     # ---- FeatureRun ----------------------------------------------------------------------
     def published(self) -> dict:

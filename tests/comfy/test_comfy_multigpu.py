@@ -2,13 +2,16 @@
 worker thread per device, each on its own deep clone of the model, through ComfyUI's own
 ``create_multigpu_deepclones`` and thread pool. Two devices are faked on the CPU
 (``get_all_torch_devices`` returns cpu:0 and cpu:1; research/comfyui-internals.md §8). In every
-mode tested the node takes on two devices the decisions it takes on one (the same timeline), the
-picture is the single-device one within float tolerance, repeated runs take the same decisions,
-and nothing warns about the block layout (before, the two threads' blocks landed in one call: the probe dropped
-to the output level and stopped verifying, 25 dB from its single-device picture)."""
+mode and granularity, with the Edit Region and cond-only steps, the node takes on two devices the
+decisions it takes on one (the same timeline, verifications and compute), the picture is the
+single-device one within float tolerance (cond and uncond run as two batches of one), repeated
+runs are identical bit for bit, and nothing warns about the block layout (before, the two
+threads' blocks landed in one call: the probe dropped to the output level and stopped
+verifying, 25 dB from its single-device picture)."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 import pytest
@@ -62,12 +65,12 @@ def threads_running(monkeypatch, block_class) -> set:
     return seen
 
 
-# (Block granularity under two devices computes every step, and the probe's compute fraction
-# counts a device's verification differently: both still open, issue 34.)
 CASES = {
     "auto": dict(),
     "probe": dict(mode="probe", options=dict(threshold=5.0)),
+    "block granularity": dict(mode="probe", options=dict(threshold=5.0, granularity="block")),
     "planned 4x": dict(mode="speed_target", options=dict(target_speedup=4.0)),
+    "planned 4.5x, a cond-only step": dict(mode="speed_target", options=dict(target_speedup=4.5)),
     "adaptive target": dict(mode="speed_target", speed=0.4),
 }
 
@@ -96,15 +99,94 @@ def test_two_devices_take_the_decisions_of_one(spec_nodes, stats_log, two_device
         repeated = stats_log[-1]
     assert len(threads) >= 2, threads                           # the calls really ran in two threads
     assert not [r.getMessage() for r in caplog.records], [r.getMessage() for r in caplog.records]
-    assert s["timeline"] == alone["timeline"] and s["mode"] == alone["mode"], (s["timeline"], alone["timeline"])
-    assert s["forecast"] == alone["forecast"] and not s["internal_error"]
-    # Float tolerance: the probe's picture on two devices is within 4e-4 of its single-device one
-    # (about 70 dB; before, 25 dB), not bit for bit yet (issue 34)
-    assert ((multi - single).norm() / single.norm()).item() < 1e-3
-    # Repeated runs: the same decisions; the picture within float tolerance (which device gets
-    # which call can change from run to run: not bit for bit yet, issue 34)
-    assert repeated["timeline"] == s["timeline"]
-    assert ((again - multi).norm() / multi.norm()).item() < 1e-3
+    # the same decisions, counted once: timeline, level, verifications, compute
+    for key in ("timeline", "mode", "forecast", "verified", "rejected", "cond_only_steps", "compute_fraction"):
+        assert s[key] == alone[key], (key, s[key], alone[key])
+    assert not s["internal_error"] and "F" in s["timeline"]
+    if case == "block granularity":
+        assert s["mode"] == "block"
+    if case.startswith("planned 4.5x"):
+        assert s["cond_only_steps"], s
+    # the single-device picture within float tolerance (cond and uncond run as two batches of
+    # one instead of one batch of two: about 1e-7 apart)
+    assert ((multi - single).norm() / single.norm()).item() < 1e-5
+    # repeated runs: bit for bit
+    assert repeated["timeline"] == s["timeline"] and torch.equal(again, multi)
+
+
+def test_a_rejection_on_one_device_recomputes_both(spec_nodes, stats_log, two_devices, monkeypatch):
+    """The probe's threshold between cond's and uncond's errors at the first verified step: on
+    one device the batch (both streams) is recomputed; on two, cond's forecast passes on one
+    device while uncond's fails on the other, and the step is recomputed on both as well."""
+    import importlib
+    run_module = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.run")
+    verified = []
+    verify = run_module.Chunk.verify
+
+    def recording(self, pred, real, feature=None, rows=None):
+        ok = verify(self, pred, real, feature, rows)
+        verified.append((self.run.step_index, len(self.keys), ok, list(self.errors)))
+        return ok
+    monkeypatch.setattr(run_module.Chunk, "verify", recording)
+    base = tiny("flux")
+    probe = dict(mode="probe", options=options(spec_nodes, threshold=5.0))
+    tm.sample(simple(spec_nodes, base, **probe), "flux", steps=12)
+    step, _, _, errors = verified[0]
+    assert len(errors) == 2 and errors[0] != errors[1]
+    between = options(spec_nodes, threshold=(errors[0] + errors[1]) / 2)
+    verified.clear()
+    single = tm.sample(simple(spec_nodes, base, mode="probe", options=between), "flux", steps=12)
+    alone = stats_log[-1]
+    assert alone["timeline"][step] == "R" and verified == [(step, 2, False, verified[0][3])]
+    verified.clear()
+    multi = tm.sample(simple(spec_nodes, split(base), mode="probe", options=between), "flux", steps=12)
+    s = stats_log[-1]
+    assert sorted(ok for _, rows, ok, _ in verified) == [False, True]      # one passed, one failed
+    assert s["timeline"] == alone["timeline"] and s["compute_fraction"] == alone["compute_fraction"]
+    assert s["rejected"] == alone["rejected"] == 1 and s["verified"] == alone["verified"]
+    assert ((multi - single).norm() / single.norm()).item() < 1e-5
+
+
+def _load_reference_again(name, **loader_options):
+    from devkit import reference_model as rm
+    return rm.load_reference(name)
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["edit region", "edit region and step cache"])
+def test_edit_region_on_two_devices(spec_nodes, stats_log, two_devices, with_cache):
+    """Inpainting on the reference model with the Edit Region node (and the step cache): the
+    region's work and picture on two devices are those of one, and repeat bit for bit."""
+    from devkit import reference_model as rm
+    edit = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.edit_region.region")
+    seen = []
+    listener = lambda node_id, stats, final: seen.append(stats)  # noqa: E731
+    edit.EDIT.listeners.append(listener)
+    try:
+        model = rm.load_reference()
+        model.cached_patcher_init = (_load_reference_again, ("reference",))
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., 8:24, 8:24] = 1
+
+        def patched(m):
+            m = comfy_env.pack_nodes().SpeculativeCacheEditRegion.execute(m).result[0]
+            return simple(spec_nodes, m, speed=0.4) if with_cache else m
+
+        def inpaint(m):
+            out = rm.inpaint(patched(m), [0], [1000], mask, steps=12)
+            return out, dict(seen[-1]), (stats_log[-1] if with_cache else None)
+        single, region_alone, cache_alone = inpaint(model)
+        multi, region, cache = inpaint(split(model))
+        again, _, _ = inpaint(split(model))
+    finally:
+        edit.EDIT.listeners.remove(listener)
+    assert not region["disabled"] and region["partial_calls"] > 0
+    assert region["compute_fraction"] == pytest.approx(region_alone["compute_fraction"], rel=1e-9)
+    # (each device's calls: cond and uncond as two calls per step where one device makes one)
+    assert region["model_calls"] == 2 * region_alone["model_calls"]
+    if with_cache:
+        assert cache["timeline"] == cache_alone["timeline"] and not cache["internal_error"]
+    assert ((multi - single).norm() / single.norm()).item() < 1e-5
+    assert torch.equal(again, multi)
 
 
 def test_speed_0_under_two_devices_is_plain_multigpu(spec_nodes, stats_log, two_devices):

@@ -80,4 +80,6 @@ def test_lookback_counts_a_non_finite_stream_as_infinite(core):
     pred = real.clone()
     pred[1] = float("nan")
     assert chunk.look_back(pred, real) == float("inf")
+    chunk.finish(core.stats.COMPUTED)
+    run.end_evaluation()                 # (an evaluation's errors are booked when it ends)
     assert run.stats.errors[-1][2] == float("inf") and not run.stats.errors[-1][4]
