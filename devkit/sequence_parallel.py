@@ -88,6 +88,19 @@ def sharded(patcher, rank: int, world: int):
     return patched
 
 
+def inpaint(patcher):
+    """The tiny FLUX's sampling with a noise mask (the middle of the latent regenerated)."""
+    import comfy.sample
+    from devkit import tiny_models as tm
+    latent = tm.latent("flux", 1, 1, None)
+    mask = torch.zeros(1, 1, *latent.shape[-2:])
+    mask[..., 4:12, 4:12] = 1
+    positive, negative = tm.conditioning("flux")
+    noise = comfy.sample.prepare_noise(latent, 42)
+    return comfy.sample.sample(patcher, noise, STEPS, 2.0, "euler", "simple", positive, negative, latent,
+                               noise_mask=mask, disable_pbar=True, seed=42)
+
+
 def run(rank: int, world: int, port: int, out: Path) -> None:
     from devkit import comfy_env
     from devkit import tiny_models as tm
@@ -130,6 +143,15 @@ def run(rank: int, world: int, port: int, out: Path) -> None:
                              compute_fraction=stats["compute_fraction"], errors=[e[2] for e in stats["errors"]],
                              internal_error=stats["internal_error"])
     results["plain"] = dict(latent=tm.sample(sharded(tm.build("flux", seed=3), rank, world), "flux", steps=STEPS))
+    # The Edit Region on an inpainting run: its region is laid out on the whole image's tokens
+    edit = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.edit_region.region")
+    edit_seen = []
+    edit.EDIT.listeners.append(lambda node_id, stats, final: final and edit_seen.append(stats))
+    model = sharded(tm.build("flux", seed=3), rank, world)
+    region = nodes.SpeculativeCacheEditRegion.execute(model).result[0]
+    results["edit region"] = dict(latent=inpaint(region), disabled=edit_seen[-1]["disabled"] if edit_seen else None,
+                                  partial_calls=edit_seen[-1]["partial_calls"] if edit_seen else None)
+    results["inpaint, plain"] = dict(latent=inpaint(model))
     torch.save(results, out)
     if world > 1:
         import torch.distributed as dist

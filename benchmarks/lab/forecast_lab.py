@@ -31,6 +31,10 @@ Schemes (each forecast is a polynomial in sigma through the last computed steps)
   ``FittedCurvatureForecaster``, here after CFG; ``speed_target`` runs it per stream, cond and
   uncond apart, and only on forecasts its correction will correct, so the two differ slightly.
 
+* ``spectrum:D:L:H``: Spectrum (CVPR 2026): a Chebyshev series of degree D in sigma fitted by
+  ridge regression (strength L) to the noise at the last H computed steps; the engine's
+  ``SpectrumForecaster`` (defaults where a field is left out).
+
 * ``learned``: each forecast step's output (as noise) a weighted sum of the noise at the three
   computed steps before it, the weights fitted by least squares to uncached runs of other seeds
   and classes (``--calibration`` runs; L2P's learned linear predictor, algorithms.md section 11),
@@ -95,7 +99,7 @@ class Scheme:
 
     def __init__(self, name: str, learned_weights: dict | None = None):
         kind, _, arg = name.partition(":")
-        if kind not in ("noise", "denoised", "mix", "adaptive", "select", "curve", "curvefit", "learned"):
+        if kind not in ("noise", "denoised", "mix", "adaptive", "select", "curve", "curvefit", "learned", "spectrum"):
             raise ValueError(f"unknown scheme {name!r}")
         if kind == "learned" and learned_weights is None:
             raise ValueError("the learned scheme needs weights fitted to calibration runs (fit_learned_weights)")
@@ -108,6 +112,10 @@ class Scheme:
         self.choice = None                  # select: the order chosen for each element
         # curvefit: the engine's own forecaster, on the noise after CFG
         self.fitted = _forecasters().FittedCurvatureForecaster() if kind == "curvefit" else None
+        if kind == "spectrum":      # spectrum:DEGREE:RIDGE:HISTORY, the engine's Spectrum forecaster
+            cls = _forecasters().REGISTRY["spectrum"]
+            degree, ridge, history = (arg.split(":") + ["", "", ""])[:3]
+            self.fitted = cls(int(degree or cls.DEGREE), float(ridge or cls.RIDGE), int(history or cls.HISTORY))
 
     def _linear(self, x, sigma):
         from_noise = _denoised(x, _interpolate(self.noise_nodes[-2:], sigma), sigma)

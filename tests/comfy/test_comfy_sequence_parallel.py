@@ -109,3 +109,15 @@ def test_ranks_deciding_from_their_shards_would_part(runs):
     assert whole < tau
     assert "F" in rank0["probe, between the shards"]["timeline"]
     assert single["probe, between the shards"]["shard_errors"] == []     # one process reduces nothing
+
+
+def test_the_edit_region_steps_aside_on_split_tokens(runs):
+    """The Edit Region lays its region out on the whole image's tokens: on a rank that holds
+    half of them it turns itself off, on both ranks alike and saying why, and the run is the
+    plain inpainting run; on one process it works."""
+    single, (rank0, rank1) = runs
+    assert not single["edit region"]["disabled"] and single["edit region"]["partial_calls"] > 0
+    for rank in (rank0, rank1):
+        assert "token layout" in rank["edit region"]["disabled"], rank["edit region"]["disabled"]
+        assert torch.equal(rank["edit region"]["latent"], rank["inpaint, plain"]["latent"])
+    assert torch.equal(rank0["edit region"]["latent"], rank1["edit region"]["latent"])

@@ -107,3 +107,27 @@ def test_units_added_from_two_threads_all_count(core):
     for t in threads:
         t.join()
     assert run.stats.block_units == 40000.0
+
+
+def test_xdits_sequence_group_is_found_when_xfuser_splits_the_sequence(core, monkeypatch):
+    """raylight and xDiT keep their sequence-parallel group in xfuser's parallel state
+    (``xfuser.core.distributed``: ``get_sequence_parallel_world_size``, ``get_sp_group().device_group``,
+    as in xfuser 0.7.0). A stand-in for that module: its group is the one used; with one
+    sequence rank, or with its state not initialised, none."""
+    import sys
+    import types
+    from importlib import import_module
+    agreement = import_module(core.__name__ + ".agreement")
+    group = object()
+    module = types.ModuleType("xfuser.core.distributed")
+    module.get_sequence_parallel_world_size = lambda: 2
+    module.get_sp_group = lambda: types.SimpleNamespace(device_group=group)
+    monkeypatch.setitem(sys.modules, "xfuser.core.distributed", module)
+    assert agreement._xfuser_sequence_group() is group
+    module.get_sequence_parallel_world_size = lambda: 1
+    assert agreement._xfuser_sequence_group() is None
+
+    def not_initialised():
+        raise AssertionError("sequence parallel group is not initialized")
+    module.get_sequence_parallel_world_size = not_initialised
+    assert agreement._xfuser_sequence_group() is None

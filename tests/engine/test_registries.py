@@ -43,7 +43,7 @@ def test_an_unknown_model_is_generic(families):
 
 def test_forecasters_are_registered_by_name_with_what_the_node_needs(core):
     fc = import_module(core.__name__ + ".forecasters")
-    assert fc.FORECASTERS == ("taylor", "hicache", "foca")
+    assert fc.FORECASTERS == ("taylor", "hicache", "foca", "spectrum")
     for name in fc.FORECASTERS:
         cls = fc.forecaster_class(name)
         assert cls.name == name and cls.tooltip.startswith(name)
