@@ -457,7 +457,26 @@ def block_plan(model):
 
 
 # ---- reproducing committed rows ---------------------------------------------------------
-GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid}
+def spectrum_grid(plan=None) -> list[Method]:
+    """Spectrum (CVPR 2026, arXiv 2603.01623; cache_core/forecasters/spectrum.py) against the node:
+    at the paper's kind of schedule (a fixed interval after a warm-up, no verification) and at the
+    node's planned schedules (speed targets with Spectrum as the forecaster), beside the node's
+    defaults and planned targets (Taylor, corrected) at the same compute."""
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    for target in (4.0, 5.0, 6.0, 7.0, 8.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target})))
+        grid.append(Method("spectrum", {"schedule": "planned", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target,
+                                                                   "forecaster": "spectrum"})))
+    for n in (2, 3, 4, 5, 6, 8):
+        grid.append(Method("spectrum", {"schedule": "interval", "interval": n},
+                           ours(preset="custom", method="spectrum", max_forecast_steps=n - 1,
+                                warmup_steps=3, final_full_steps=0)))
+    return grid
+
+
+GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid, "spectrum": spectrum_grid}
 
 
 def reproduce(path: Path, grid_name: str, model: str, only=(), log=print) -> int:
@@ -554,10 +573,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
-    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond"], default="full",
+    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond", "spectrum"], default="full",
                     help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
                          "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
-                         "beyond: speed targets above 5x against TaylorSeer")
+                         "beyond: speed targets above 5x against TaylorSeer; spectrum: Spectrum at a fixed "
+                         "interval and at the node's planned schedules against the node")
     ap.add_argument("--reproduce", metavar="RESULTS_JSON",
                     help="rerun the rows of a committed results file (with --grid and --model as it was made; "
                          "no timing) and say which moved")

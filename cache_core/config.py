@@ -9,7 +9,9 @@ from .forecasters import REGISTRY as FORECASTER_REGISTRY
 from .output_space import SPACES
 from .target import MAX_TARGET_SPEEDUP, PLANNED_FROM
 
-METHODS = ("speca", "taylorseer", "reuse", "hicache", "foca", "clusca")
+# The fixed-interval methods: TaylorSeer, FORA's reuse, one per registered forecaster other than
+# the Taylor default (hicache, foca, spectrum, ...), and ClusCa; "speca" verifies.
+METHODS = ("speca", "taylorseer", "reuse", *(n for n in FORECASTER_REGISTRY if n != "taylor"), "clusca")
 GRANULARITIES = ("stack", "block")
 TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1", "relative_change")
@@ -22,7 +24,8 @@ TARGET_SCHEDULES = ("auto", "planned", "adaptive")
 class CacheConfig:
     # "speca": forecast, then verify each forecast with one real block (SpeCa), with the
     #   draft ``forecaster``. The others forecast at a fixed interval without verification:
-    # "taylorseer" (Taylor), "reuse" (FORA: order 0), "hicache" (Hermite), "foca" (FoCa).
+    # "taylorseer" (Taylor), "reuse" (FORA: order 0), "hicache" (Hermite), "foca" (FoCa),
+    # "spectrum" (Spectrum's Chebyshev/ridge fit).
     method: str = "speca"
     forecaster: str = "taylor"       # SpeCa's draft: a registered forecaster (forecasters/)
     time_axis: str = "sigma"         # forecast coordinate: sigma, or step index (papers)

@@ -127,6 +127,12 @@ class SpeculativeRun:
         self._call_outcomes = set()
         return self.decision
 
+    def count(self, **increments) -> None:
+        """Add to the stats' counters, from whichever device's thread the chunk runs in."""
+        with self._lock:
+            for name, n in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
     def begin_call(self) -> None:
         """A call of the sampler's batch function begins (every stream of the evaluation, or
         one context window's): ``needs_recompute`` looks at its chunks only."""
@@ -284,12 +290,15 @@ class SpeculativeRun:
     def stream(self, key) -> StreamCache:
         s = self.streams.get(key)
         if s is None:
-            s = self.streams[key] = StreamCache(lambda: make_forecaster(self.config, self._correction_on))
-            self.stats.streams += 1
+            with self._lock:
+                s = self.streams.get(key)
+                if s is None:
+                    s = self.streams[key] = StreamCache(lambda: make_forecaster(self.config, self._correction_on))
+                    self.stats.streams += 1
         return s
 
     def cache_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.streams.values())
+        return sum(s.nbytes() for s in list(self.streams.values()))
 
     def chunk(self, stream_keys, batch: int, units_full: float, weights_key=None) -> "Chunk":
         """``weights_key``: identifies the model weights of this call (LoRA hook keyframes
@@ -331,7 +340,8 @@ class Chunk:
             run.stats.block_units_full += self.units_full
         for s in self.streams():
             if s.set_weights(weights_key):
-                run.stats.weight_changes += 1
+                with run._lock:
+                    run.stats.weight_changes += 1
                 run.policy.forget_lookback()     # what was measured was of the other weights
                 if run.correction is not None:
                     run.correction.forget()
@@ -355,11 +365,12 @@ class Chunk:
     def record(self, features: dict[str, torch.Tensor]) -> None:
         """Store full-chunk features computed at this evaluation's time."""
         per_stream = {n: self.split(v) for n, v in features.items()}
-        for i, s in enumerate(self.streams()):
-            if s.update(self.run.time, {n: parts[i] for n, parts in per_stream.items()}):
-                self.run.stats.shape_changes += 1
+        changed = sum(bool(s.update(self.run.time, {n: parts[i] for n, parts in per_stream.items()}))
+                      for i, s in enumerate(self.streams()))
         b = self.run.cache_bytes()
-        self.run.stats.peak_cache_bytes = max(self.run.stats.peak_cache_bytes, b)
+        with self.run._lock:
+            self.run.stats.shape_changes += changed
+            self.run.stats.peak_cache_bytes = max(self.run.stats.peak_cache_bytes, b)
 
     def anchor(self, name: str) -> torch.Tensor:
         """The value of ``name`` at each stream's last computed point (its forecast anchor)."""

@@ -92,9 +92,9 @@ def inpaint(patcher):
     """The tiny FLUX's sampling with a noise mask (the middle of the latent regenerated)."""
     import comfy.sample
     from devkit import tiny_models as tm
-    latent = tm.latent("flux", 1, 1, None)
+    latent = tm.latent("flux", 1, 2, None)              # 32 x 32: 256 image tokens
     mask = torch.zeros(1, 1, *latent.shape[-2:])
-    mask[..., 4:12, 4:12] = 1
+    mask[..., 12:20, 12:20] = 1
     positive, negative = tm.conditioning("flux")
     noise = comfy.sample.prepare_noise(latent, 42)
     return comfy.sample.sample(patcher, noise, STEPS, 2.0, "euler", "simple", positive, negative, latent,

@@ -28,6 +28,7 @@ ControlNets). Other models run unchanged, with one warning."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -72,18 +73,21 @@ class EditStats:
     disabled: str = ""
     _cost: float = 0.0
     _evaluations: set = field(default_factory=set)
+    # (MultiGPU CFG Split: the devices' calls add their counts from their own threads)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, cost: float, refresh: bool, partial: bool, evaluation):
         """One model call: its cost in full calls, whether every block ran on every token,
         whether some block ran on the region only, and which evaluation of the sampler it
         belongs to (the step cache may call the model twice for one: a verified forecast,
         then the real step)."""
-        self.model_calls += 1
-        self.refresh_calls += int(refresh)
-        self.partial_calls += int(partial)
-        self._cost += cost
-        self._evaluations.add(evaluation)
-        self.compute_fraction = self._cost / len(self._evaluations)
+        with self._lock:
+            self.model_calls += 1
+            self.refresh_calls += int(refresh)
+            self.partial_calls += int(partial)
+            self._cost += cost
+            self._evaluations.add(evaluation)
+            self.compute_fraction = self._cost / len(self._evaluations)
 
     def to_dict(self):
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

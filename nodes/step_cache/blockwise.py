@@ -71,7 +71,7 @@ def checked_prediction(call, feature: str, like: torch.Tensor):
         call.failed = f"layout changed: {tuple(pred.shape)} vs {tuple(like.shape)}"
     elif not bool(torch.isfinite(pred).all()):
         call.failed = "non-finite forecast"
-        call.ctx.run.stats.nonfinite += 1
+        call.ctx.run.count(nonfinite=1)
     else:
         return pred.to(like.dtype)
     return torch.zeros_like(like) if call.ctx.run.agreement.active else None
@@ -279,11 +279,9 @@ class BlockwiseCall:
         if compute_idx.shape[1] > 0:
             fresh = image_mlp_on_tokens(blk, img, compute_idx, mod2)
             self.chunk.add_units(compute_idx.shape[1] / max(img.shape[1], 1) * 0.5)
-        stats = self.chunk.run.stats
         computed, reused = int(compute_idx.numel()), int(reuse_mask.sum())
-        stats.tokens_computed += computed
-        stats.tokens_reused += reused
-        stats.tokens_forecast += reuse_mask.numel() - reused - computed
+        self.chunk.run.count(tokens_computed=computed, tokens_reused=reused,
+                             tokens_forecast=reuse_mask.numel() - reused - computed)
         return token_tiers.combine(forecast, anchor, compute_idx, fresh, reuse_mask)
 
 

@@ -281,7 +281,7 @@ def _output_forward(ctx, executor, args, kwargs, to, name, space: OutputSpace):
         if not ctx.run.agreement.any(not (finite and pred.shape[0] == x.shape[0])):
             chunk.finish(FORECAST)
             return pred
-        ctx.run.stats.nonfinite += int(pred is not None and not finite)
+        ctx.run.count(nonfinite=int(pred is not None and not finite))
     out = executor(*args, **kwargs)
     chunk.add_units(1.0)
     if ctx.run.config.looks_back:
@@ -318,7 +318,7 @@ def _stack_forward(ctx, executor, args, kwargs, to, space: OutputSpace):
             if call.failed:
                 warn_once(f"Speculative Cache: a forecast could not be used ({call.failed}); computing the step.")
             elif not finite:
-                run.stats.nonfinite += 1
+                run.count(nonfinite=1)
         elif redo:
             # the sampler's call is made again, all of it (_one_outcome)
             chunk.finish(REJECTED)

@@ -75,7 +75,7 @@ OPTIONS = [
     _combo("method", list(METHODS),
            "speca: forecast, then verify each forecast (the default). The others forecast on a fixed interval "
            "(max_forecast_steps) without verification: taylorseer (Taylor), reuse (FORA), hicache (Hermite), "
-           "foca (FoCa), clusca (ClusCa token clusters)."),
+           "foca (FoCa), spectrum (Spectrum, Chebyshev series), clusca (ClusCa token clusters)."),
     _combo("forecaster", list(FORECASTERS), "SpeCa's draft: " + _FORECASTER_TIPS + "."),
     _number("order", io.Int, 0, 4,
             "Order of the forecast polynomial through the last computed steps (0 = reuse, 1 = linear, "

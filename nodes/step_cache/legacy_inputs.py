@@ -46,7 +46,7 @@ ADVANCED = {
         tooltip="speca: forecast, then verify each forecast with the real last block; recompute when "
                 "it is off. The others forecast on a fixed interval (max_forecast_steps) without "
                 "verification: taylorseer (Taylor), reuse (FORA), hicache (Hermite), foca (FoCa), "
-                "clusca (ClusCa token clusters)."),
+                "spectrum (Spectrum, Chebyshev series), clusca (ClusCa token clusters)."),
     "threshold": lambda: _slider_float(
         "threshold", _D.threshold, 0.0, 10.0, 0.005,
         "Verification tolerance: the largest relative error of the last block's output that a "

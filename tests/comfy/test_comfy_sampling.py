@@ -249,7 +249,7 @@ def test_legacy_schema_keeps_its_inputs_defaults_and_limits(spec_nodes):
         assert "default" in opts, name
         assert opts.get("tooltip"), name
     methods = required["method"][0] if isinstance(required["method"][0], list) else required["method"][1]["options"]
-    assert set(methods) == {"speca", "taylorseer", "reuse", "hicache", "foca", "clusca"}
+    assert set(methods) == {"speca", "taylorseer", "reuse", "hicache", "foca", "spectrum", "clusca"}
     presets = required["preset"][0] if isinstance(required["preset"][0], list) else required["preset"][1]["options"]
     assert {"auto", "custom", "paper_flux"} <= set(presets)
     assert required["order"][1]["min"] == 0 and required["max_forecast_steps"][1]["min"] == 1
@@ -267,7 +267,8 @@ def test_pack_loads_under_any_folder_name_without_top_level_modules(spec_nodes):
 @pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
 @pytest.mark.parametrize("settings", [
     dict(method="reuse"), dict(method="taylorseer", order=3), dict(method="hicache"), dict(method="foca"),
-    dict(method="speca", forecaster="hicache"), dict(method="speca", forecaster="foca"),
+    dict(method="spectrum"), dict(method="speca", forecaster="hicache"), dict(method="speca", forecaster="foca"),
+    dict(method="speca", forecaster="spectrum"),
     dict(method="taylorseer", order=2, preset="custom"), dict(preset="paper_flux", threshold=7.0),
     dict(preset="paper_hunyuan_video", threshold=1.0), dict(storage_dtype="bfloat16")],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
@@ -287,7 +288,7 @@ def test_every_method_through_the_sampler(spec_nodes, models, stats_log, name, s
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
 
 
-@pytest.mark.parametrize("forecaster", ["taylor", "hicache", "foca"])
+@pytest.mark.parametrize("forecaster", ["taylor", "hicache", "foca", "spectrum"])
 def test_speca_drafts_are_lossless_at_threshold_zero(spec_nodes, models, forecaster):
     m = models["flux"]
     ref = tm.sample(m, "flux", steps=10)
