@@ -107,9 +107,8 @@ def sequence_parallel_rows() -> list[dict]:
         one, rank0, rank1 = (torch.load(tmp / f) for f in ("one.pt", "rank0.pt", "rank1.pt"))
     uncached = one["plain"]["latent"]
     rows = []
-    for mode in one:
-        if mode == "plain":
-            continue
+    from devkit.sequence_parallel import CASES
+    for mode in CASES:
         rows.append(dict(mode=mode, timeline_one=one[mode]["timeline"], timeline_rank0=rank0[mode]["timeline"],
                          timeline_rank1=rank1[mode]["timeline"],
                          psnr_one_db=latent_psnr(one[mode]["latent"], uncached),
