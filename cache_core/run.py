@@ -127,6 +127,26 @@ class SpeculativeRun:
         self._call_outcomes = set()
         return self.decision
 
+    def few_steps_note(self) -> str:
+        """One line when the run has too few steps to save much (under 1.5x at best), saying
+        why; '' otherwise. Distilled models (FLUX.1 schnell, Lightning LoRAs) sample in 4 to 8
+        steps, and the warm-up and final steps are computed whatever the speed."""
+        c, steps = self.config, self.policy.total_steps
+        if not c.enabled:
+            return ""
+        if self.policy.plan is not None:
+            forecastable = steps - len(self.policy.plan)
+            why = f"the planned target computes {len(self.policy.plan)}"
+        else:
+            fixed = min(steps, c.warmup_steps + c.final_full_steps)
+            forecastable = steps - fixed
+            why = f"{min(c.warmup_steps, steps)} warm-up and {c.final_full_steps} final steps are always computed"
+        best = steps / max(steps - forecastable, 1)
+        if best >= 1.5:
+            return ""
+        return (f"Speculative Cache: {steps} steps leave at most {forecastable} to forecast ({why}), at most "
+                f"{best:.2f}x; few-step models gain little, and a step that is not forecast costs nothing extra.")
+
     def count(self, **increments) -> None:
         """Add to the stats' counters, from whichever device's thread the chunk runs in."""
         with self._lock:

@@ -50,6 +50,9 @@ def _start_run(guider, settings: CacheSettings, args, kwargs) -> RunContext:
     run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
                          sigmas=[float(s) for s in sigmas], cond_only=cond_only.available(guider))
     run.stats.estimated_cache_bytes = estimate or 0
+    note = run.few_steps_note()
+    if note:
+        log.info(note)
     ctx = RunContext(settings, run, adapter, sigmas)
     ctx.base_model = guider.model_patcher.model
     ctx.serving = Serving(run, model_sampling)

@@ -361,3 +361,17 @@ def test_a_failing_setup_samples_uncached_instead_of_crashing(spec_nodes, models
     assert torch.equal(out, ref)
     assert any("Speculative Cache: could not set up this run; sampling without it" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_few_step_run_says_why_it_saves_little_and_costs_nothing(spec_nodes, models, stats_log, caplog):
+    """A distilled model's 4 steps: the warm-up and the final step fill the run, the console
+    says so in one line, and the run is the uncached one bit for bit, at compute 1.0."""
+    from conftest import simple
+    m = models["flux"]
+    ref = tm.sample(m, "flux", steps=4)
+    with caplog.at_level("INFO", logger="speculative_cache"):
+        out = tm.sample(simple(spec_nodes, m), "flux", steps=4)
+    assert torch.equal(out, ref)
+    assert stats_log[-1]["compute_fraction"] == 1.0 and stats_log[-1]["forecast"] == 0
+    notes = [r.getMessage() for r in caplog.records if "steps leave at most" in r.getMessage()]
+    assert len(notes) == 1 and "4 steps leave at most 0 to forecast" in notes[0], notes

@@ -1,0 +1,24 @@
+"""Few-step runs (distilled models at 4 to 8 steps): the run says in one line why it saves
+little, and only then."""
+
+from __future__ import annotations
+
+
+def test_a_run_too_short_to_save_much_says_why(core):
+    four = core.SpeculativeRun(core.CacheConfig(), 4)
+    note = four.few_steps_note()
+    assert "4 steps leave at most 0 to forecast" in note and "warm-up" in note and "1.00x" in note
+    five = core.SpeculativeRun(core.CacheConfig(), 5)
+    assert "at most 1 to forecast" in five.few_steps_note() and "1.25x" in five.few_steps_note()
+    assert core.SpeculativeRun(core.CacheConfig(), 8).few_steps_note() == ""      # up to 2x: worth it
+    assert core.SpeculativeRun(core.CacheConfig(), 28).few_steps_note() == ""
+    assert core.SpeculativeRun(core.CacheConfig(threshold=0.0), 4).few_steps_note() == ""
+
+
+def test_a_planned_target_on_few_steps_counts_its_plan(core):
+    sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
+    four_x = core.SpeculativeRun(core.CacheConfig(target_speedup=4.0, target_schedule="planned"), 4, sigmas=sigmas)
+    planned = len(four_x.policy.plan)
+    assert planned < 4 and four_x.few_steps_note() == ""       # 2 of 4 computed: up to 2x
+    slow = core.SpeculativeRun(core.CacheConfig(target_speedup=1.2, target_schedule="planned"), 4, sigmas=sigmas)
+    assert f"the planned target computes {len(slow.policy.plan)}" in slow.few_steps_note()
