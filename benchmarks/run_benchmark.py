@@ -476,7 +476,33 @@ def spectrum_grid(plan=None) -> list[Method]:
     return grid
 
 
-GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid, "spectrum": spectrum_grid}
+def few_steps_grid(plan=None) -> list[Method]:
+    """Rows for runs of 4 to 8 steps (distilled models' step counts, ``--steps 4``): the node at
+    its defaults, along the slider, in probe mode and at speed targets, against fixed-interval
+    TaylorSeer, a first-block cache and ComfyUI's EasyCache and LazyCache. Nothing may cost more
+    than the uncached run."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from .baselines import apply_fbcache
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    for speed in (0.3, 0.7, 1.0):
+        grid.append(Method("speca", {"acceptance": "lookback", "speed": speed}, main_node(speed=speed)))
+    grid.append(Method("speca", {"mode": "probe", "speed": 0.5}, main_node(mode="probe")))
+    for target in (2.0, 3.0, 4.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target})))
+    grid.append(Method("taylorseer", {"interval": 2, "order": 1},
+                       ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=1,
+                            warmup_steps=1, final_full_steps=0)))
+    if plan is not None:
+        grid.append(Method("fbcache", {"threshold": 0.1}, lambda m: apply_fbcache(m, 0.1, plan)))
+    for th in (0.2, 0.5):
+        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
+        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    return grid
+
+
+GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid, "spectrum": spectrum_grid,
+         "few_steps": few_steps_grid}
 
 
 def reproduce(path: Path, grid_name: str, model: str, only=(), log=print) -> int:
@@ -573,11 +599,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
     ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
-    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond", "spectrum"], default="full",
+    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond", "spectrum", "few_steps"], default="full",
                     help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
                          "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
                          "beyond: speed targets above 5x against TaylorSeer; spectrum: Spectrum at a fixed "
-                         "interval and at the node's planned schedules against the node")
+                         "interval and at the node's planned schedules against the node; few_steps: for --steps 4 to 8")
     ap.add_argument("--reproduce", metavar="RESULTS_JSON",
                     help="rerun the rows of a committed results file (with --grid and --model as it was made; "
                          "no timing) and say which moved")

@@ -14,12 +14,15 @@ not finite) is therefore agreed on before it is used:
   another) take one decision (cache-dit reduces its residual difference, raylight takes the
   maximum of its change metrics; research/peers.md §15).
 
+Agreement is on when a sequence group is known: xDiT's (``xfuser.core.distributed.get_sp_group()``,
+as raylight uses it) when xfuser is loaded and splits the sequence, or the one an integration
+registered with ``use_sequence_group``. A collective that only some processes reach would hang the
+others, so without a known group nothing is reduced, even where ``torch.distributed`` is
+initialised for something else: ``SPECULATIVE_CACHE_RANKS=agree`` turns agreement on over every
+rank (each rank's error is then its own data's and the ranks take the worst; for ranks that run in
+lockstep without a known sequence group), ``SPECULATIVE_CACHE_RANKS=independent`` turns it off.
 Without ``torch.distributed`` initialised, or with one rank, nothing is reduced and nothing is
-called. The sequence group is xDiT's (``xfuser.core.distributed.get_sp_group()``, as raylight
-uses it) when xfuser is loaded, else the one an integration registered with
-``use_sequence_group``; without one, each rank's error is its shard's and the ranks take the worst.
-``SPECULATIVE_CACHE_RANKS=independent`` turns agreement off for processes that share a process
-group but not their sampling steps."""
+called."""
 
 from __future__ import annotations
 
@@ -68,11 +71,13 @@ class RankAgreement:
     @classmethod
     def from_environment(cls) -> "RankAgreement":
         dist = _distributed()
-        if dist is None or os.environ.get("SPECULATIVE_CACHE_RANKS", "").lower() == "independent":
+        wish = os.environ.get("SPECULATIVE_CACHE_RANKS", "").lower()
+        if dist is None or wish == "independent" or dist.get_world_size() <= 1:
             return cls()
-        if dist.get_world_size() <= 1:
+        group = _xfuser_sequence_group() or _registered_group
+        if group is None and wish != "agree":
             return cls()
-        return cls(dist, _xfuser_sequence_group() or _registered_group)
+        return cls(dist, group)
 
     @property
     def active(self) -> bool:

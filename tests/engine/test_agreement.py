@@ -131,3 +131,28 @@ def test_xdits_sequence_group_is_found_when_xfuser_splits_the_sequence(core, mon
         raise AssertionError("sequence parallel group is not initialized")
     module.get_sequence_parallel_world_size = not_initialised
     assert agreement._xfuser_sequence_group() is None
+
+
+def test_ranks_agree_only_where_a_sequence_group_is_known_or_asked_for(core, monkeypatch):
+    """A collective only some processes reach would hang the others: with torch.distributed up
+    for something else and no sequence group, nothing is reduced unless asked for."""
+    from importlib import import_module
+    agreement = import_module(core.__name__ + ".agreement")
+    fake = type("Dist", (), {"get_world_size": staticmethod(lambda: 2)})()
+    monkeypatch.setattr(agreement, "_distributed", lambda: fake)
+    monkeypatch.setattr(agreement, "_registered_group", None)
+    monkeypatch.delenv("SPECULATIVE_CACHE_RANKS", raising=False)
+    assert not agreement.RankAgreement.from_environment().active
+    monkeypatch.setenv("SPECULATIVE_CACHE_RANKS", "agree")
+    forced = agreement.RankAgreement.from_environment()
+    assert forced.active and not forced.shards
+    group = object()
+    agreement.use_sequence_group(group)
+    try:
+        monkeypatch.delenv("SPECULATIVE_CACHE_RANKS")
+        known = agreement.RankAgreement.from_environment()
+        assert known.active and known.shards and known.sequence_group is group
+        monkeypatch.setenv("SPECULATIVE_CACHE_RANKS", "independent")
+        assert not agreement.RankAgreement.from_environment().active
+    finally:
+        agreement.use_sequence_group(None)

@@ -253,11 +253,13 @@ def area_bottom(page):
 def test_setting_hides_the_stats(page):
     reset_view(page)
     page.evaluate("() => app.extensionManager.setting.set('SpeculativeCache.ShowStats', false)")
-    page.wait_for_timeout(300)
     mark_panel(page)
+    # (the frontend redraws when it gets to it: waited for, up to 10 s, not a fixed pause that a
+    # busy machine outlasts)
+    page.wait_for_selector("[data-sc-current].speculative-cache-stats", state="hidden", timeout=10_000)
     assert not page.is_visible("[data-sc-current].speculative-cache-stats")
     page.evaluate("() => app.extensionManager.setting.set('SpeculativeCache.ShowStats', true)")
-    page.wait_for_timeout(300)
+    page.wait_for_selector("[data-sc-current].speculative-cache-stats", state="visible", timeout=10_000)
     assert page.is_visible("[data-sc-current].speculative-cache-stats")
 
 
