@@ -76,8 +76,7 @@ class SpeculativeRun:
         self._eval_lookback = None     # (worst lookback error, threshold) measured in this evaluation
         self._eval_verified = None     # (worst verification error, threshold, every chunk passed)
         self._call_outcomes = set()    # the outcomes of the chunks of the sampler's current call
-        self._recompute_from = None
-        self._decision_before_recompute = None
+        self._recompute_from = None    # (full units, outcome, decision) before a recomputation
         self._lock = threading.Lock()  # chunks of one evaluation may finish in several threads
         self._eval_start_units = (0.0, 0.0)
         self.closed = False
@@ -176,19 +175,17 @@ class SpeculativeRun:
         """Compute the current call again, all of it (after ``needs_recompute``): its chunks
         record their features at this time again (a forecaster replaces a point at the same
         time); the units they spend count, their full units do not count twice."""
-        self._decision_before_recompute = self.decision
+        with self._lock:
+            self._recompute_from = (self.stats.block_units_full, self._eval_outcome, self.decision)
         self.decision = Decision(StepMode.FULL, reason="recompute")
         self._call_outcomes = set()
-        with self._lock:
-            self._recompute_from = (self.stats.block_units_full, self._eval_outcome)
 
     def end_recompute(self) -> None:
         """The evaluation stays booked as what it was (rejected, recomputed), over the same
         full units; the recomputation's units count as spent."""
         with self._lock:
             if self._recompute_from is not None:
-                self.stats.block_units_full, self._eval_outcome = self._recompute_from
-                self.decision = self._decision_before_recompute
+                self.stats.block_units_full, self._eval_outcome, self.decision = self._recompute_from
                 self._recompute_from = None
 
     def book_partial_evaluation(self, share: float) -> None:

@@ -107,12 +107,12 @@ def _gate(tensor, gate, dims):
 class BlockwiseCall:
     """What the block patches do during one model call at block granularity."""
 
-    def __init__(self, ctx, chunk, forecast: bool, verify: bool, model=None):
+    def __init__(self, ctx, chunk, forecast: bool, verify: bool, model):
         self.ctx = ctx
         # The diffusion model this call runs: under MultiGPU CFG Split each device has its own
         # deep clone, and a call's hooks must go on its own clone's blocks (on the first
         # clone they would capture another thread's outputs)
-        self.model = model if model is not None else ctx.diffusion_model
+        self.model = model
         self.generator = ctx.generator_for(chunk.keys)
         self.chunk = chunk
         self.forecast = forecast

@@ -65,7 +65,11 @@ class RunContext(FeatureRun):
         generator per set of streams, seeded, so that they repeat from run to run and two
         devices' concurrent calls (MultiGPU CFG Split) never draw from one generator in
         whatever order their threads happen to run."""
-        return self._generators.setdefault(tuple(stream_keys), torch.Generator().manual_seed(0))
+        key = tuple(stream_keys)
+        generator = self._generators.get(key)
+        if generator is None:       # (made once per set of streams, not on every call)
+            generator = self._generators.setdefault(key, torch.Generator().manual_seed(0))
+        return generator
 
     # ---- FeatureRun ----------------------------------------------------------------------
     def published(self) -> dict:
