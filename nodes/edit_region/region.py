@@ -136,7 +136,7 @@ class EditRun(FeatureRun):
         self.text_tokens: dict = {}        # stream -> text tokens (seen by the double blocks)
         self.stats = EditStats()
         self.context_order = settings.context_order
-        self.checked = False
+        self.checked = set()           # the streams whose partial path was checked (once each)
 
     def disable(self, reason: str):
         if not self.stats.disabled:
@@ -228,7 +228,7 @@ class EditCall:
             extra = torch.arange(self.grid_tokens, n_img, device=outside.device)
             outside = torch.cat((outside, extra))
         if self.refresh or key not in self.context:
-            check = not self.run.checked and key in (("double_block", 0), ("single_block", 0))
+            check = self.stream not in self.run.checked and key in (("double_block", 0), ("single_block", 0))
             saved = {t: args[t].clone() for t in ("img", "txt") if t in args} if check else None
             image_rows = outside if double else self.txt_len + outside
             before = args["img"].index_select(1, image_rows) if self.serve_outside else None
@@ -329,7 +329,7 @@ class EditCall:
         if not err <= tolerance:
             self.failed = f"the region's tokens differ from the full block ({err:.2e} relative) in {key}"
         if key[0] == "single_block":
-            self.run.checked = True
+            self.run.checked.add(self.stream)
 
 
 # ---------------------------------------------------------------------------------
