@@ -384,14 +384,18 @@ def reference_workload(n_samples: int, steps: int, cfg: float, name: str = "refe
     from devkit import reference_model as rm
     model = rm.load_reference(name)
     samples = []
+    classes = rm.MODELS[name]["classes"]
     for i in range(n_samples):
-        label = i % len(rm.CLASSES)
+        label = i % len(classes)
         samples.append((rm.conditioning(label), rm.conditioning(rm.NULL_CLASS), 1000 + i))
     weights = rm.model_files(name)[0]
-    return Workload("reference_flux_tiny" if name == "reference" else f"{name}_flux_tiny", model, samples,
-                    (1, 16, 32, 32), steps=steps, cfg=cfg, decode=lambda s: rm.decode(s),
-                    info={"weights": str(weights.relative_to(comfy_env.PACK_ROOT)),
-                          "classes": rm.CLASSES, "unet_config": rm.MODELS[name]["unet"]})
+    family = rm.MODELS[name]["family"]
+    title = "reference_flux_tiny" if name == "reference" else (
+        name if family == "wan" else f"{name}_flux_tiny")
+    return Workload(title, model, samples, rm.latent_shape(name), steps=steps, cfg=cfg,
+                    decode=lambda s: rm.decode(s, name),
+                    info={"weights": str(weights.relative_to(comfy_env.PACK_ROOT)), "family": family,
+                          "classes": classes, "unet_config": rm.MODELS[name]["unet"]})
 
 
 def recipe_workload(path: Path) -> Workload:
@@ -501,8 +505,53 @@ def few_steps_grid(plan=None) -> list[Method]:
     return grid
 
 
+def slider_grid(plan=None) -> list[Method]:
+    """The main node's speed slider in auto mode at every 0.1 from 0.1 to 0.9 (and 0.25), to show
+    that each step of travel saves compute and costs fidelity on every model, beside the node's
+    defaults."""
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    for speed in (0.1, 0.2, 0.25, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9):
+        grid.append(Method("speca", {"acceptance": "lookback", "speed": speed}, main_node(speed=speed)))
+    return grid
+
+
+def held_out_grid(plan=None) -> list[Method]:
+    """One run on a model nothing was tuned on: the slider (slider_grid), speed targets from 2x to 8x
+    (with Taylor and with Spectrum as the forecaster), the probe, and every peer: fixed-interval
+    TaylorSeer and Spectrum, a first-block cache (FBCache-style) and ComfyUI's EasyCache and
+    LazyCache."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from .baselines import apply_fbcache
+    grid = slider_grid(plan)
+    grid.append(Method("speca", {"mode": "probe", "speed": 0.5}, main_node(mode="probe")))
+    for target in (2.0, 3.0, 4.0, 5.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", speed=(target - 1.0) / 4.0)))
+    for target in (6.0, 8.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target})))
+    for target in (4.0, 6.0, 8.0):
+        grid.append(Method("spectrum", {"schedule": "planned", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target,
+                                                                   "forecaster": "spectrum"})))
+    for n in (2, 3, 4, 6):
+        grid.append(Method("taylorseer", {"interval": n, "order": 1},
+                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
+                                warmup_steps=3, final_full_steps=0)))
+        grid.append(Method("spectrum", {"schedule": "interval", "interval": n},
+                           ours(preset="custom", method="spectrum", max_forecast_steps=n - 1,
+                                warmup_steps=3, final_full_steps=0)))
+    if plan is not None:
+        for th in (0.1, 0.2):
+            grid.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
+    for th in (0.2, 0.5):
+        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
+        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    return grid
+
+
 GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid, "spectrum": spectrum_grid,
-         "few_steps": few_steps_grid}
+         "few_steps": few_steps_grid, "slider": slider_grid, "held_out": held_out_grid}
 
 
 def reproduce(path: Path, grid_name: str, model: str, only=(), log=print) -> int:
@@ -598,12 +647,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="output name (default: the model's or the recipe's name)")
-    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
-    ap.add_argument("--grid", choices=["full", "focus", "tokens", "beyond", "spectrum", "few_steps"], default="full",
+    ap.add_argument("--model", default="reference", help="reference (6 blocks), reference_deep (19 blocks) or "
+                    "reference_wan (the held-out Wan model)")
+    ap.add_argument("--grid", choices=["full", *GRIDS], default="full",
                     help="focus: the defaults row, both acceptance metrics, TaylorSeer and the peers; "
                          "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
                          "beyond: speed targets above 5x against TaylorSeer; spectrum: Spectrum at a fixed "
-                         "interval and at the node's planned schedules against the node; few_steps: for --steps 4 to 8")
+                         "interval and at the node's planned schedules against the node; few_steps: for --steps 4 to 8; "
+                         "slider: auto along the speed slider; held_out: the slider, targets and every peer")
     ap.add_argument("--reproduce", metavar="RESULTS_JSON",
                     help="rerun the rows of a committed results file (with --grid and --model as it was made; "
                          "no timing) and say which moved")

@@ -17,6 +17,7 @@ TIME_AXES = ("sigma", "step")
 METRICS = ("relative_norm", "relative_l1", "relative_change")
 ON_REJECT = ("redo", "next")
 ACCEPTANCE = ("probe", "lookback")
+TOLERANCE_UNITS = ("absolute", "run")
 TARGET_SCHEDULES = ("auto", "planned", "adaptive")
 
 
@@ -63,6 +64,15 @@ class CacheConfig:
     # forecast of its own output was (relative norm), and the next forecasts are taken while
     # the error predicted from that measurement stays under the threshold (policy.py).
     acceptance: str = "probe"
+    # The unit of the lookback tolerance. "absolute": the threshold is a relative error of the
+    # model output. "run": the threshold is a multiple of this run's own one-step forecast error
+    # (the lookback errors measured so far, each brought back to distance 1 by the growth law;
+    # their geometric mean, Policy.run_unit), so that a slider position means the same forecast
+    # horizon on every model whatever its absolute error level; the unit is capped at
+    # ``run_unit_cap`` (an absolute error), so a model whose forecasts are all poor is not
+    # forecast further for it.
+    tolerance_unit: str = "absolute"
+    run_unit_cap: float = float("inf")
     # Lookback runs with an Euler sampler: at each computed step, re-estimate the forecast
     # steps since the last one by interpolation (this degree: 1 linear, 2 quadratic through
     # one more computed step) and let this step's update carry the difference (correction.py).
@@ -138,6 +148,13 @@ class CacheConfig:
             problems.append(f"acceptance must be one of {ACCEPTANCE}, got {self.acceptance!r}")
         elif self.acceptance == "lookback" and self.method != "speca":
             problems.append(f"acceptance 'lookback' verifies forecasts, so it needs method 'speca', got {self.method!r}")
+        if self.tolerance_unit not in TOLERANCE_UNITS:
+            problems.append(f"tolerance_unit must be one of {TOLERANCE_UNITS}, got {self.tolerance_unit!r}")
+        elif self.tolerance_unit == "run" and self.acceptance != "lookback":
+            problems.append("tolerance_unit 'run' is measured by lookback acceptance, so it needs acceptance "
+                            f"'lookback', got {self.acceptance!r}")
+        if not (self.run_unit_cap > 0.0):
+            problems.append(f"run_unit_cap must be > 0, got {self.run_unit_cap}")
         if self.trajectory_correction not in (0, 1, 2):
             problems.append(f"trajectory_correction must be 0 (off), 1 or 2, got {self.trajectory_correction!r}")
         if not (0.0 < self.uncorrected_threshold_scale <= 1.0):

@@ -27,6 +27,12 @@ class Decision:
         return self.mode is StepMode.FORECAST
 
 
+# Runs of this many steps or fewer (distilled models: FLUX.1 schnell, Lightning LoRAs) get no
+# overhead budget at all: a verification probe runs only once the forecasts before it have saved
+# what its rejection would waste, so the cache never costs more than the uncached run.
+FEW_STEPS = 8
+
+
 class Policy:
     """Warm-up and final full steps, a time window, min/max forecasts in a row, and a
     forced full step after a rejection in SpeCa's "next" mode.
@@ -59,12 +65,17 @@ class Policy:
         self.units_full = 0.0                     # units an uncached run would have run so far
         self.evaluations = 0                      # evaluations booked so far
         self.probe_waste = None                   # units one rejected probe cost (measured)
+        self.probe_cost = None                    # units one probe costs (known before any is run)
         self.first_rejections = 0                 # first forecasts after a full step rejected in a row
         self.cooldown = 0                         # full steps to take before the next attempt
         # Lookback acceptance: (distance, error) of the output forecast measured at the last
         # computed step, and the longest distance measured in this run.
         self.lookback = None
         self.lookback_reach = 0
+        # The run's one-step forecast error (tolerance_unit "run"): the sum of the logs of the
+        # lookback errors brought back to distance 1, and how many.
+        self._unit_log_sum = 0.0
+        self._unit_count = 0
         # A planned speed target (target.plan_schedule): the steps that run the model; the
         # others are forecast without a check (None: the threshold decides); and the steps of it
         # that run cond's half of a CFG batch only (uncond from the last computed difference).
@@ -154,22 +165,49 @@ class Policy:
         self.lookback = (d, float(error) if math.isfinite(error) else float("inf"))
         self.lookback_reach = max(self.lookback_reach, d)
 
+    def measure_unit(self, error: float) -> None:
+        """A lookback error at distance forecasts_since_full + 1, into the run's unit (tolerance_unit
+        "run"; call before record_full). It stands for the error at distance 1 that the growth law of
+        _decide_lookback implies, e(d) = e(1) d^(order + 1); a zero error counts as 1e-6, and a
+        non-finite one is left out (the cap bounds the unit from above)."""
+        if not math.isfinite(error):
+            return
+        d = self.forecasts_since_full + 1
+        self._unit_log_sum += math.log(max(float(error), 1e-6) / d ** (self.config.order + 1))
+        self._unit_count += 1
+
+    def run_unit(self) -> float | None:
+        """The unit of a "run" tolerance: the geometric mean of the one-step forecast errors measured
+        so far in this run (capped at run_unit_cap), or None before the first measurement. A
+        geometric mean, because the errors spread over orders of magnitude along a schedule and
+        the tolerance compares them by ratio."""
+        if self._unit_count == 0:
+            return None
+        return min(math.exp(self._unit_log_sum / self._unit_count), self.config.run_unit_cap)
+
     def forget_lookback(self) -> None:
         """A stream's history started over (new weights): forecast again only once measured again."""
         self.lookback = None
         self.lookback_reach = 0
+        self._unit_log_sum, self._unit_count = 0.0, 0
 
     def probe_allowed(self) -> bool:
         """Whether one more probe fits the overhead budget: the units spent beyond an
         uncached run so far (negative once forecasts saved more than probes wasted), plus
         the waste of one more rejected probe, must stay within ``max_overhead`` of the
         whole uncached run (projected from the evaluations so far). So even when every
-        forecast fails, the run costs at most 1 + max_overhead of an uncached one."""
-        if self.probe_waste is None or self.evaluations == 0 or self.config.max_overhead == float("inf"):
+        forecast fails, the run costs at most 1 + max_overhead of an uncached one (plus the
+        first probe's waste, unknown before it runs). With FEW_STEPS steps or fewer the budget
+        is zero and the first probe's waste is taken to be what a probe costs (``probe_cost``,
+        set by the run): such a run never costs more than the uncached one."""
+        few = self.total_steps <= FEW_STEPS
+        waste = self.probe_waste if self.probe_waste is not None else (self.probe_cost if few else None)
+        if waste is None or self.evaluations == 0 or self.config.max_overhead == float("inf"):
             return True
+        budget = 0.0 if few else self.config.max_overhead
         projected_full = self.units_full / self.evaluations * max(self.total_steps, self.evaluations)
         over = self.units_spent - self.units_full
-        return over + self.probe_waste <= self.config.max_overhead * projected_full
+        return over + waste <= budget * projected_full
 
     def set_ledger(self, units_spent: float, units_full: float, evaluations: int) -> None:
         self.units_spent, self.units_full, self.evaluations = float(units_spent), float(units_full), int(evaluations)

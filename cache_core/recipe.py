@@ -51,6 +51,14 @@ BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relati
 # (tuned with the trajectory correction on both reference models, 8 samples: README,
 # "Trajectory correction"; 4 % before it).
 LOOKBACK_THRESHOLD = 0.063
+# auto counts its tolerance in this run's own one-step forecast errors (tolerance_unit "run"), so
+# that the slider means the same horizon on every model: speed 0.5 accepts forecasts predicted to
+# be RUN_TOLERANCE times as wrong as the run's typical one-step forecast (tuned on both reference
+# models, 8 samples; the held-out Wan model was never used: docs/results.md, "Slider"). The
+# unit is capped at RUN_UNIT_CAP, an absolute error, so a model whose forecasts are all poor is
+# not forecast further for it. An Options threshold is an absolute tolerance, as before.
+RUN_TOLERANCE = 4.0
+RUN_UNIT_CAP = 0.05
 # ... and 4 % where the sampler takes no Euler steps, so the correction cannot run (dpmpp_2m,
 # uni_pc, ...: 6.3 % cost them about 5 dB for 8 % less compute on the 6-block model).
 UNCORRECTED_THRESHOLD = 0.04
@@ -177,7 +185,7 @@ def _resolve(mode, speed, start_percent, end_percent, family, chosen, lookback):
         if overridden:
             notes.append(f"the paper's settings replace the Options node's {', '.join(overridden)}")
     elif mode == "auto":
-        base = LOOKBACK_THRESHOLD
+        base = LOOKBACK_THRESHOLD if override >= 0.0 else RUN_TOLERANCE
     else:
         base = BASE_THRESHOLD[option("metric")]
     if speed <= 0.0:
@@ -197,7 +205,9 @@ def _resolve(mode, speed, start_percent, end_percent, family, chosen, lookback):
     config = preset_config(preset, family, user, mode_values, fixed)
     if mode == "auto":
         config = _lookback_schedule(config, option, chosen, correction, exact=override >= 0.0)
-        what = f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)"
+        what = (f"lookback, tolerance {config.threshold:.4g} x this run's one-step forecast error"
+                if config.tolerance_unit == "run" else
+                f"lookback, tolerance {config.threshold:.4g} (relative error of the model output)")
     elif mode == "speed_target":
         config = _speed_target_schedule(config, chosen, looks_back, correction)
         what = (f"target {config.target_speedup:.2f}x, model calls planned from the sampler's sigmas"
@@ -233,6 +243,8 @@ def _lookback_schedule(config: CacheConfig, option, chosen: dict, correction: in
                "trajectory_correction": correction}
     if correction and not exact:
         changes["uncorrected_threshold_scale"] = UNCORRECTED_THRESHOLD / LOOKBACK_THRESHOLD
+    if not exact:
+        changes.update(tolerance_unit="run", run_unit_cap=RUN_UNIT_CAP)
     if "order" not in chosen:
         changes["order"] = 1
     if "step_weighting" not in chosen:

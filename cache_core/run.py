@@ -20,7 +20,7 @@ from .config import CacheConfig
 from .correction import MAX_CORRECTED_STREAK
 from .forecasters import make_forecaster
 from .output_space import can_forecast_noise
-from .policy import Decision, Policy, StepMode
+from .policy import FEW_STEPS, Decision, Policy, StepMode
 from .state import StreamCache
 from .stats import COMPUTED, FORECAST, REJECTED, RunStats
 from .target import SpeedTarget, place_cond_only, plan_schedule, planned_budget
@@ -115,6 +115,8 @@ class SpeculativeRun:
         has_history = bool(self.streams) and any(s.forecasters for s in self.streams.values())
         st = self.stats
         self.policy.set_ledger(st.block_units, st.block_units_full, st.evaluations)
+        # a probe runs one block (one unit) per stream
+        self.policy.probe_cost = float(max(len(self.streams), 1))
         self._eval_start_units = (st.block_units, st.block_units_full)
         self.decision = self.policy.decide(self.step_index, self.sigma, has_history)
         self._allowed = None
@@ -141,10 +143,15 @@ class SpeculativeRun:
             forecastable = steps - fixed
             why = f"{min(c.warmup_steps, steps)} warm-up and {c.final_full_steps} final steps are always computed"
         best = steps / max(steps - forecastable, 1)
-        if best >= 1.5:
+        probes = (c.verifies and not c.looks_back and self.policy.plan is None and steps <= FEW_STEPS
+                  and c.max_overhead != float("inf"))
+        if best >= 1.5 and not probes:
             return ""
-        return (f"Speculative Cache: {steps} steps leave at most {forecastable} to forecast ({why}), at most "
-                f"{best:.2f}x; few-step models gain little, and a step that is not forecast costs nothing extra.")
+        line = f"Speculative Cache: {steps} steps leave at most {forecastable} to forecast ({why}), at most {best:.2f}x"
+        if probes:
+            return (line + "; with this few steps a verification probe runs only once forecasts have paid for it, "
+                    "so the cache never costs more than the uncached run (mode auto checks without probes).")
+        return line + "; few-step models gain little, and a step that is not forecast costs nothing extra."
 
     def count(self, **increments) -> None:
         """Add to the stats' counters, from whichever device's thread the chunk runs in."""
@@ -216,6 +223,11 @@ class SpeculativeRun:
             tau *= self.step_scales[step]
         if self.target is not None:
             tau *= self.target.scale
+        if self.config.tolerance_unit == "run":
+            # the threshold counts this run's one-step forecast errors (none before the first
+            # measurement, when nothing is forecast yet: end_evaluation books that step's own)
+            unit = self.policy.run_unit()
+            tau *= unit if unit is not None else float("nan")
         return tau * self.tolerance_scale
 
     def attach_correction(self, correction) -> None:
@@ -268,6 +280,11 @@ class SpeculativeRun:
             self.stats.rejected += int(not ok)
         if lookback is not None:
             error, tau = lookback
+            if self.config.tolerance_unit == "run":
+                # this measurement is part of the unit its own step's tolerance is counted in
+                self.policy.measure_unit(error)
+                tau = self.threshold()
+                self.stats.run_unit = self.policy.run_unit() or 0.0
             self.stats.looked_back += 1
             self.stats.errors.append((evaluation, self.time, error, tau, Verifier.accepts_below(error, tau)))
             lookback = error

@@ -33,6 +33,7 @@ class RunStats:
     internal_error: str = ""    # set when an error ended the cache early in this run
     target_speedup: float = 0.0  # the speed target (0: none)
     threshold_scale: float = 1.0  # the speed target's last threshold multiplier
+    run_unit: float = 0.0       # tolerance_unit "run": this run's one-step forecast error (0: not measured)
     planned_steps: list = field(default_factory=list)  # a planned speed target's computed steps (0-based)
     cond_only_steps: list = field(default_factory=list)  # its steps that ran cond's half of the batch only
     elapsed_seconds: float = 0.0  # wall clock of the run so far (set by the ComfyUI glue)
@@ -102,6 +103,7 @@ class RunStats:
             "internal_error": self.internal_error,
             "target_speedup": self.target_speedup, "target_missed": self.target_missed,
             "threshold_scale": round(self.threshold_scale, 4),
+            "run_unit": round(self.run_unit, 6),
             "target_schedule": ("planned" if self.planned_steps else "adaptive") if self.target_speedup else "",
             "planned_steps": list(self.planned_steps),
             "cond_only_steps": list(self.cond_only_steps),
@@ -120,6 +122,7 @@ class RunStats:
                 f"{self.rejected} rejected of {self.verified} verified; compute fraction "
                 f"{self.compute_fraction:.3f}, est. speedup {self.estimated_speedup:.2f}x, "
                 f"peak cache {self.peak_cache_bytes / 2**20:.1f} MiB"
+                + (f"; one-step forecast error {self.run_unit:.4f}" if self.run_unit else "")
                 + (f"; target {self.target_speedup:.2f}x ({self._target_how()})" if self.target_speedup else "")
                 + ("; target missed (too few steps for it, or forecasts that would not hold)"
                    if self.target_missed else ""))

@@ -32,9 +32,23 @@ UNET_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_d
 # had no spatial structure: 8x8-pixel patches with the right statistics, in no arrangement).
 DEEP_UNET_CONFIG = dict(UNET_CONFIG, hidden_size=64, num_heads=2, depth=5, depth_single_blocks=14,
                         axes_dim=[8, 12, 12])
+# The held-out model (issue 35): another family, other data, another recipe, never used to tune
+# anything. ComfyUI's own Wan 2.1 architecture (self-attention, cross-attention to the text, one
+# time modulation shared by the blocks, no pooled vector), 6 blocks of width 64 in 2 heads of 32
+# (rope keeps 5 frequencies per spatial axis), trained on eight other photographs as one-frame
+# videos, at noise levels shifted towards noise (shift 3; ComfyUI samples Wan 2.1 with shift 8).
+WAN_UNET_CONFIG = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=4, in_dim=16,
+                       dim=64, ffn_dim=256, freq_dim=256, text_dim=32, out_dim=16, num_heads=2, num_layers=6,
+                       window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+CLASSES = ["brick", "grass", "gravel", "coins", "astronaut", "camera", "chelsea", "coffee"]
+HELD_OUT_CLASSES = ["moon", "clock", "rocket", "hubble_deep_field", "cell", "horse", "retina",
+                    "immunohistochemistry"]
 MODELS = {
-    "reference": dict(folder=HERE, unet=UNET_CONFIG),
-    "reference_deep": dict(folder=HERE.parent / "reference_deep", unet=DEEP_UNET_CONFIG),
+    "reference": dict(folder=HERE, unet=UNET_CONFIG, family="flux", classes=CLASSES),
+    "reference_deep": dict(folder=HERE.parent / "reference_deep", unet=DEEP_UNET_CONFIG, family="flux",
+                           classes=CLASSES),
+    "reference_wan": dict(folder=HERE.parent / "reference_wan", unet=WAN_UNET_CONFIG, family="wan",
+                          classes=HELD_OUT_CLASSES, train_shift=3.0),
 }
 
 
@@ -42,7 +56,17 @@ def model_files(name: str = "reference") -> tuple[Path, Path, Path]:
     """(weights, config.json, samples.png) of a reference model."""
     folder = MODELS[name]["folder"]
     return folder / WEIGHTS.name, folder / CONFIG_FILE.name, folder / "samples.png"
-CLASSES = ["brick", "grass", "gravel", "coins", "astronaut", "camera", "chelsea", "coffee"]
+
+
+def is_wan(name: str) -> bool:
+    return MODELS[name]["family"] == "wan"
+
+
+def latent_shape(name: str = "reference") -> tuple:
+    """The sampler's latent of one image: FLUX [1, 16, 32, 32], Wan one frame [1, 16, 1, 32, 32]."""
+    return (1, 16, 1, 32, 32) if is_wan(name) else (1, 16, 32, 32)
+
+
 NULL_CLASS = len(CLASSES)
 TXT_TOKENS = 4
 IMAGE_SIZE = 128
@@ -69,13 +93,16 @@ def conditioning(label: int):
 
 
 # ---- data ---------------------------------------------------------------------------
-def load_photos() -> list[torch.Tensor]:
-    """The source photographs (grayscale float in [0, 1]), from scikit-image's package data."""
+def load_photos(model: str = "reference") -> list[torch.Tensor]:
+    """The source photographs of a model's classes (grayscale float in [0, 1]), from
+    scikit-image's package data."""
     import skimage.data
     from skimage.color import rgb2gray
     out = []
-    for name in CLASSES:
+    for name in MODELS[model]["classes"]:
         img = getattr(skimage.data, name)()
+        if img.ndim == 3 and img.shape[-1] == 4:
+            img = img[..., :3]
         img = torch.as_tensor(rgb2gray(img) if img.ndim == 3 else img / 255.0 if img.max() > 1 else img,
                               dtype=torch.float32)
         if img.max() > 1.0:
@@ -120,10 +147,11 @@ def read_config(name: str = "reference") -> dict:
 
 
 def build_comfy_model(state_dict=None, name: str = "reference"):
-    """A ModelPatcher around comfy.model_base.Flux built by comfy.supported_models.Flux."""
+    """A ModelPatcher around the model class ComfyUI's own config builds: comfy.supported_models.Flux
+    (comfy.model_base.Flux), or WAN21_T2V (comfy.model_base.WAN21) for the Wan reference."""
     import comfy.supported_models as sm
     from .tiny_models import complete_unet_config, load_into
-    cfg = sm.Flux(complete_unet_config(MODELS[name]["unet"]))
+    cfg = (sm.WAN21_T2V if is_wan(name) else sm.Flux)(complete_unet_config(MODELS[name]["unet"]))
     cfg.set_inference_dtype(torch.float32, None)
     return load_into(cfg, state_dict)
 
@@ -134,11 +162,23 @@ def load_reference(name: str = "reference"):
     return build_comfy_model(load_file(str(model_files(name)[0])), name)
 
 
-def decode(samples: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's sampler output (FLUX latent space) -> grayscale images in [0, 1]."""
+def decode(samples: torch.Tensor, name: str = "reference") -> torch.Tensor:
+    """ComfyUI's sampler output (the model's latent space) -> grayscale images in [0, 1]."""
     import comfy.latent_formats
-    fmt = comfy.latent_formats.Flux()
-    return from_latent(fmt.process_in(samples), read_config()["pixel_mean"])
+    if is_wan(name):
+        return from_latent(comfy.latent_formats.Wan21().process_in(samples)[:, :, 0], read_config(name)["pixel_mean"])
+    return from_latent(comfy.latent_formats.Flux().process_in(samples), read_config(name)["pixel_mean"])
+
+
+def training_forward(name: str, patcher, img_latent, t, context, pooled):
+    """The model's prediction for a batch of [B, 16, 32, 32] latents at times t in [0, 1], with
+    autograd: FLUX through ``train_forward``; Wan through ComfyUI's own forward (its blocks add
+    out of place), as one-frame videos at the timestep ComfyUI's sampling gives it (sigma x 1000)."""
+    dm = patcher.model.diffusion_model
+    if is_wan(name):
+        timestep = patcher.model.model_sampling.timestep(t)
+        return dm(img_latent[:, :, None], timestep, context)[:, :, 0]
+    return train_forward(dm, img_latent, t, context, pooled)
 
 
 # ---- a differentiable forward with ComfyUI's parameter names ---------------------------
@@ -214,7 +254,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
 
 
 def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler="euler",
-           scheduler: str = "simple"):
+           scheduler: str = "simple", name: str = "reference"):
     """Samples of the given class labels through ComfyUI's real sampler; returns images [n, 1, H, W].
     ``sampler``: a sampler name, or a k-diffusion sampler function (model, x, sigmas, extra_args,
     callback, disable), run as ComfyUI's ``KSAMPLER`` at the scheduler's sigmas."""
@@ -225,7 +265,7 @@ def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler="e
         custom = comfy.samplers.KSAMPLER(sampler)
     images = []
     for label, seed in zip(labels, seeds):
-        latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(1, 16, 32, 32))
+        latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(latent_shape(name)))
         noise = comfy.sample.prepare_noise(latent, seed)
         positive, negative = conditioning(label), conditioning(NULL_CLASS)
         if callable(sampler):
@@ -234,7 +274,7 @@ def sample(patcher, labels, seeds, steps: int = 28, cfg: float = 2.0, sampler="e
         else:
             out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative,
                                       latent, disable_pbar=True, seed=seed)
-        images.append(decode(out))
+        images.append(decode(out, name))
     return torch.cat(images)
 
 
@@ -296,14 +336,14 @@ def main(argv=None) -> int:
     comfy_env.setup_comfyui()
     patcher = load_reference(args.model)
     grid_path = model_files(args.model)[2]
-    photos = load_photos()
-    mean = read_config()["pixel_mean"]
+    photos = load_photos(args.model)
+    mean = read_config(args.model)["pixel_mean"]
     g = torch.Generator().manual_seed(123)
     k = args.per_class
     rows, names = [], []
-    for label, name in enumerate(CLASSES):
+    for label, name in enumerate(MODELS[args.model]["classes"]):
         real = random_crops(photos, torch.full((k,), label), g)
-        fake = sample(patcher, [label] * k, [label * 100 + i for i in range(k)])
+        fake = sample(patcher, [label] * k, [label * 100 + i for i in range(k)], name=args.model)
         rows.append(torch.cat([real, fake]))
         names.append(f"{name}: real | samples")
     save_grid(rows, grid_path, names)

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m devkit.train_reference                         # ~40 min on 2 CPU cores
     .venv/bin/python -m devkit.train_reference --model reference_deep  # the 19-block model
+    .venv/bin/python -m devkit.train_reference --model reference_wan --batch 24   # the held-out Wan model
 
 Fixed seed; writes devkit/<model>/{flux_tiny.safetensors, config.json}. Resumable: a
 checkpoint (model, EMA, optimiser, data generator) is written every ``--checkpoint-every``
@@ -24,6 +25,8 @@ from . import comfy_env
 
 
 def init_weights(dm, g):
+    if hasattr(dm, "blocks") and not hasattr(dm, "double_blocks"):
+        return init_wan_weights(dm, g)
     with torch.no_grad():
         for name, p in dm.named_parameters():
             if name.endswith(".scale"):           # RMSNorm
@@ -40,6 +43,21 @@ def init_weights(dm, g):
                 mod.bias.zero_()
 
 
+def init_wan_weights(dm, g):
+    """Wan: matrices (and the per-block modulation tables) N(0, 0.02), norms' scales 1, biases 0,
+    and the output projection zero, so the model starts by predicting nothing."""
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        dm.head.head.weight.zero_()
+        dm.head.head.bias.zero_()
+
+
 # options that do not change the result (a checkpoint made with other values still resumes)
 _NOT_RECIPE = ("checkpoint_every", "checkpoint_dir", "threads", "out", "stop_after")
 
@@ -52,7 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--model", default="reference", help="reference (6 blocks), reference_deep (19 blocks) or "
+                    "reference_wan (the held-out Wan model)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--checkpoint-dir", default=None, help="default: .cache/train/<model>")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -68,7 +87,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    photos = rm.load_photos()
+    photos = rm.load_photos(args.model)
+    shift = rm.MODELS[args.model].get("train_shift", 1.0)
     mean, std = rm.pixel_stats(photos)
     context, pooled = rm.class_embeddings()
 
@@ -115,15 +135,16 @@ def main(argv=None) -> int:
         tmp.replace(ckpt_path)
 
     for step in range(first, args.steps):
-        labels = torch.randint(0, len(rm.CLASSES), (args.batch,), generator=g)
+        labels = torch.randint(0, len(rm.MODELS[args.model]["classes"]), (args.batch,), generator=g)
         x0 = rm.to_latent(rm.random_crops(photos, labels, g), mean)
         cond_labels = torch.where(torch.rand(args.batch, generator=g) < 0.1,
                                   torch.full_like(labels, rm.NULL_CLASS), labels)
         t = rm.logit_normal_t(args.batch, g)
+        t = shift * t / (1 + (shift - 1) * t)       # SD3's time shift (1: none)
         noise = torch.randn(x0.shape, generator=g)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         target = noise - x0   # FLUX (CONST) parameterisation: x0 = x_t - sigma * v
-        pred = rm.train_forward(dm, xt, t, context[cond_labels], pooled[cond_labels])
+        pred = rm.training_forward(args.model, patcher, xt, t, context[cond_labels], pooled[cond_labels])
         loss = (pred - target).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -155,10 +176,10 @@ def main(argv=None) -> int:
     state = {k: v.detach().contiguous().float() for k, v in ema.state_dict().items()}
     save_file(state, str(out_dir / weights.name))
     config = {
-        "unet_config": rm.MODELS[args.model]["unet"], "classes": rm.CLASSES, "null_class": rm.NULL_CLASS,
+        "unet_config": rm.MODELS[args.model]["unet"], "classes": rm.MODELS[args.model]["classes"], "null_class": rm.NULL_CLASS,
         "txt_tokens": rm.TXT_TOKENS, "image_size": rm.IMAGE_SIZE, "unshuffle": rm.UNSHUFFLE,
         "data_scale": rm.DATA_SCALE, "pixel_mean": mean, "pixel_std": std, "cond_seed": rm.COND_SEED,
-        "train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "ema": args.ema,
+        "train": {"steps": args.steps, "batch": args.batch, "time_shift": shift, "lr": args.lr, "seed": args.seed, "ema": args.ema,
                   "final_loss": sum(losses[-100:]) / len(losses[-100:]),
                   "seconds": round(spent + time.time() - started, 1), "torch": torch.__version__},
     }

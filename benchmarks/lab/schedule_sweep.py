@@ -24,7 +24,7 @@ from devkit import comfy_env
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="reference", help="reference (6 blocks) or reference_deep (19 blocks)")
+    ap.add_argument("--model", default="reference", help="reference (6 blocks), reference_deep (19 blocks) or reference_wan")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--output-level", action="store_true",
@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     seen = []
     hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and seen.append(s))
     model = rm.load_reference(args.model)
-    labels = [i % len(rm.CLASSES) for i in range(args.samples)]
+    labels = [i % len(rm.MODELS[args.model]["classes"]) for i in range(args.samples)]
     seeds = [1000 + i for i in range(args.samples)]
-    reference = rm.sample(model, labels, seeds, steps=args.steps)
+    reference = rm.sample(model, labels, seeds, steps=args.steps, name=args.model)
     def engine(mode="auto", speed=0.5, **fields):
         """The main node's config for (mode, speed) with these CacheConfig fields replaced
         (engine settings no node input reaches, such as serve_output)."""
@@ -68,13 +68,14 @@ def main(argv=None) -> int:
         label, _, expression = item.partition("=")
         method = eval(expression, dict(names))        # the user's own command line
         first = len(seen)
-        images = rm.sample(method(model), labels, seeds, steps=args.steps)
+        images = rm.sample(method(model), labels, seeds, steps=args.steps, name=args.model)
         runs = seen[first:]
         compute = sum(s["compute_fraction"] for s in runs) / max(len(runs), 1)
         mean = sum(rm.psnr(images[i:i + 1], reference[i:i + 1]) for i in range(len(seeds))) / len(seeds)
         print(f"{label:24s} compute {compute:.3f}  PSNR {rm.psnr(images, reference):6.2f} dB "
               f"(per-picture mean {mean:6.2f})  "
               f"{runs[0]['timeline'] if runs else ''}"
+              + (f"  unit {sum(s['run_unit'] for s in runs) / len(runs):.4f}" if runs and runs[0].get("run_unit") else "")
               + (f"  corrected {sum(s['corrected'] for s in runs)} ({runs[0]['correction']})"
                  if runs and runs[0].get("correction") else ""), flush=True)
     return 0

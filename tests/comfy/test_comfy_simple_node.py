@@ -82,10 +82,11 @@ def test_probe_defaults_are_the_legacy_nodes_defaults_and_auto_looks_back(spec_n
     import dataclasses
     auto = config_of(simple(spec_nodes, flux))
     assert auto == config_of(simple(spec_nodes, flux, options=options(spec_nodes)))
-    assert auto.threshold == pytest.approx(inputs_mod.LOOKBACK_THRESHOLD)
+    assert auto.threshold == pytest.approx(inputs_mod.RUN_TOLERANCE)
     assert auto == dataclasses.replace(legacy, acceptance="lookback", output_space="noise", order=1,
                                        step_weighting=True, threshold=auto.threshold, trajectory_correction=2,
-                                       uncorrected_threshold_scale=inputs_mod.UNCORRECTED_THRESHOLD / inputs_mod.LOOKBACK_THRESHOLD)
+                                       uncorrected_threshold_scale=inputs_mod.UNCORRECTED_THRESHOLD / inputs_mod.LOOKBACK_THRESHOLD,
+                                       tolerance_unit="run", run_unit_cap=inputs_mod.RUN_UNIT_CAP)
 
 
 def test_speed_zero_is_bit_identical(spec_nodes, flux, stats_log):
@@ -116,8 +117,8 @@ def test_options_reach_the_run(spec_nodes, flux, stats_log):
 def test_speed_maps_to_the_threshold_and_paper_modes_to_the_papers(spec_nodes, flux, inputs_mod):
     assert config_of(simple(spec_nodes, flux, mode="probe", speed=0.25)).threshold == pytest.approx(0.1 * 0.2 ** 0.5)
     assert config_of(simple(spec_nodes, flux, mode="probe", speed=0.75)).threshold == pytest.approx(0.1 * 10 ** 0.5)
-    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(inputs_mod.LOOKBACK_THRESHOLD * 0.2 ** 0.5)
-    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(inputs_mod.LOOKBACK_THRESHOLD * 10 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.25)).threshold == pytest.approx(inputs_mod.RUN_TOLERANCE * 0.2 ** 0.5)
+    assert config_of(simple(spec_nodes, flux, speed=0.75)).threshold == pytest.approx(inputs_mod.RUN_TOLERANCE * 10 ** 0.5)
     paper = config_of(simple(spec_nodes, flux, mode="paper_flux"))
     assert (paper.threshold, paper.metric, paper.order, paper.on_reject) == (7.0, "relative_l1", 2, "next")
     assert config_of(simple(spec_nodes, flux, mode="paper_hunyuan_video")).threshold == 1.0

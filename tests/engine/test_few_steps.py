@@ -10,8 +10,12 @@ def test_a_run_too_short_to_save_much_says_why(core):
     assert "4 steps leave at most 0 to forecast" in note and "warm-up" in note and "1.00x" in note
     five = core.SpeculativeRun(core.CacheConfig(), 5)
     assert "at most 1 to forecast" in five.few_steps_note() and "1.25x" in five.few_steps_note()
-    assert core.SpeculativeRun(core.CacheConfig(), 8).few_steps_note() == ""      # up to 2x: worth it
+    lookback = core.CacheConfig(acceptance="lookback")
+    assert core.SpeculativeRun(lookback, 8).few_steps_note() == ""      # up to 2x: worth it
     assert core.SpeculativeRun(core.CacheConfig(), 28).few_steps_note() == ""
+    # the per-step probe at 8 steps or fewer: it says that probes wait until forecasts paid for them
+    probe = core.SpeculativeRun(core.CacheConfig(), 8).few_steps_note()
+    assert "never costs more than the uncached run" in probe and "2.00x" in probe
     assert core.SpeculativeRun(core.CacheConfig(threshold=0.0), 4).few_steps_note() == ""
 
 

@@ -84,6 +84,22 @@ def test_backoff_bounds_the_cost_when_every_forecast_fails(core, steps):
     assert unbounded.compute_fraction == pytest.approx(1 + (steps - 1) / (4 * steps))   # every step probed
 
 
+@pytest.mark.parametrize("steps", [4, 6, 8])
+def test_a_few_step_run_never_costs_more_than_uncached(core, steps):
+    """Distilled models' 4 to 8 steps: no overhead budget, so a probe runs only once forecasts
+    before it have saved what its rejection would waste."""
+    probe = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False)
+    _, stats, _ = simulate(core, probe, steps, accept=lambda i: False)
+    assert stats.compute_fraction <= 1.0
+    # with SpeCa's unverified first forecast (saving 4 units), a probe after it is paid for
+    paid = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False,
+                            unverified_forecasts=1)
+    modes, failing, _ = simulate(core, paid, steps, accept=lambda i: False)
+    assert failing.compute_fraction <= 1.0 and "F" in modes
+    _, passing, _ = simulate(core, paid, steps, accept=lambda i: True)
+    assert passing.compute_fraction < 0.8 and passing.verified >= 1
+
+
 def test_backoff_spaces_attempts_after_repeated_first_rejections(core):
     cfg = core.CacheConfig(threshold=0.1, warmup_steps=1, final_full_steps=0, predict_errors=False,
                            max_overhead=float("inf"))
