@@ -40,6 +40,9 @@ def step_scales(sigmas, clamp: float = 4.0) -> list[float]:
     return [min(max(mean / d, 1.0 / clamp), clamp) if d > 0 else clamp for d in sizes]
 
 
+# A planned target that runs the model this many times or fewer in a run says so before it.
+FEW_CALLS = 5
+
 # Decisions the policy takes whatever the threshold: the speed target does not learn from them.
 _FORCED = ("disabled", "warmup", "final", "window", "no_history", "plan")
 
@@ -152,6 +155,19 @@ class SpeculativeRun:
             return (line + "; with this few steps a verification probe runs only once forecasts have paid for it, "
                     "so the cache never costs more than the uncached run (mode auto checks without probes).")
         return line + "; few-step models gain little, and a step that is not forecast costs nothing extra."
+
+    def few_calls_note(self) -> str:
+        """One line before a planned target that runs the model FEW_CALLS times or fewer in the whole
+        run, where the picture falls off: on the reference models 6x to 8x on 28 steps (4 or 5
+        calls) kept 24.6 to 31.7 dB of the uncached picture, where 8x on 50 steps (6 calls) kept 31.5
+        (docs/results.md). '' otherwise."""
+        calls = len(self.policy.plan or ())
+        if not calls or calls > FEW_CALLS:
+            return ""
+        steps = self.policy.total_steps
+        return (f"Speculative Cache: the {self.config.target_speedup:g}x target on {steps} steps runs the model "
+                f"{calls} times in all; on the reference models runs of {FEW_CALLS} calls or fewer kept 25-32 dB of "
+                f"the uncached picture, visibly changed. More steps at the same target keep more of it.")
 
     def count(self, **increments) -> None:
         """Add to the stats' counters, from whichever device's thread the chunk runs in."""

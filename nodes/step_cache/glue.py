@@ -25,7 +25,7 @@ from ..runtime.block_patch import install_block_patches
 from ..runtime.log import log, warn_once
 from ..runtime.model_call import find_transformer_options, forward_argument, sampler_sigmas, sampling_sigma
 from ..runtime.published import EDITS_REGION
-from . import blockwise, cond_only, context_windows, memory, trajectory
+from . import blockwise, cond_only, context_windows, memory, served_forecast, trajectory
 from .adapters import StackAdapter, select_adapter
 from .block_call import BlockCall, BlockPatch
 from .run_context import STEP_CACHE, CacheSettings, RunContext, run_context
@@ -50,9 +50,9 @@ def _start_run(guider, settings: CacheSettings, args, kwargs) -> RunContext:
     run = SpeculativeRun(config, len(sigmas) - 1, start_time=start_time, end_time=end_time, mode=adapter.mode,
                          sigmas=[float(s) for s in sigmas], cond_only=cond_only.available(guider))
     run.stats.estimated_cache_bytes = estimate or 0
-    note = run.few_steps_note()
-    if note:
-        log.info(note)
+    for note in (run.few_steps_note(), run.few_calls_note()):
+        if note:
+            log.info(note)
     ctx = RunContext(settings, run, adapter, sigmas)
     ctx.base_model = guider.model_patcher.model
     ctx.serving = Serving(run, model_sampling)
@@ -142,6 +142,16 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
                 ctx.run.begin_evaluation(sigma, step)
         except Exception as e:
             guard.give_up(ctx, "evaluation start", e)
+        if not ctx.run.closed and ctx.run.decision is not None and ctx.run.decision.forecast:
+            try:
+                served = served_forecast.serve(ctx, args, kwargs, _OWN_MODEL_WRAPPERS)
+            except Exception as e:
+                if guard.passes_through(e):
+                    raise
+                guard.give_up(ctx, "forecast step", e)
+                served = None
+            if served is not None:
+                return served
         if not ctx.run.closed:
             if ctx.guidance is not None:
                 return guard.cached_call(ctx, executor, args, kwargs,
@@ -360,6 +370,11 @@ def _stack_forward(ctx, executor, args, kwargs, to, space: OutputSpace):
 # ---------------------------------------------------------------------------------
 # installing onto a ModelPatcher clone
 # ---------------------------------------------------------------------------------
+# The APPLY_MODEL and DIFFUSION_MODEL wrappers of this pack (served_forecast: any other node's
+# wrapper there sends a forecast step through the model call).
+_OWN_MODEL_WRAPPERS = (apply_model_wrapper, diffusion_model_wrapper)
+
+
 def install(model, settings: CacheSettings, adapter=None):
     """Return a clone of ``model`` (a ModelPatcher) with the cache installed, and the
     model's adapter (``adapter``: one already selected for this model)."""

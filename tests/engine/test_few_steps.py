@@ -26,3 +26,18 @@ def test_a_planned_target_on_few_steps_counts_its_plan(core):
     assert planned < 4 and four_x.few_steps_note() == ""       # 2 of 4 computed: up to 2x
     slow = core.SpeculativeRun(core.CacheConfig(target_speedup=1.2, target_schedule="planned"), 4, sigmas=sigmas)
     assert f"the planned target computes {len(slow.policy.plan)}" in slow.few_steps_note()
+
+
+def test_a_planned_target_with_few_model_calls_says_so_before_the_run(core):
+    """8x on 28 steps runs the model 4 times (24.6-31.7 dB on the reference models at 4 or 5 calls):
+    one line before the run; 4x on 28 steps (7 calls) and 8x on 50 steps (6 calls) say nothing."""
+    def run(target, steps, shift=3.0):
+        sigmas = [shift * s / (1 + (shift - 1) * s) for s in (1.0 - i / steps for i in range(steps + 1))]
+        return core.SpeculativeRun(core.CacheConfig(acceptance="lookback", target_speedup=target,
+                                                    target_schedule="planned"), steps, sigmas=sigmas)
+    eight = run(8.0, 28)
+    assert len(eight.policy.plan) == 4
+    assert "the 8x target on 28 steps runs the model 4 times in all" in eight.few_calls_note()
+    assert "5 calls or fewer" in run(6.0, 28).few_calls_note()
+    assert run(4.0, 28).few_calls_note() == "" and run(8.0, 50).few_calls_note() == ""
+    assert core.SpeculativeRun(core.CacheConfig(), 28).few_calls_note() == ""      # nothing planned

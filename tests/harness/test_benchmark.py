@@ -130,24 +130,40 @@ def _descriptor(img):
 
 
 @pytest.mark.comfy
-def test_reference_model_samples_look_like_their_training_class(spec_nodes):
+def test_the_held_out_wan_reference_is_another_family_on_other_data(spec_nodes):
+    """The third reference model (nothing is tuned on it): ComfyUI's own Wan 2.1 class, built by
+    its WAN21_T2V config, trained on photographs none of the FLUX references saw."""
+    import comfy.model_base
+    from devkit import reference_model as rm
+    patcher = rm.load_reference("reference_wan")
+    assert isinstance(patcher.model, comfy.model_base.WAN21)
+    cfg = rm.read_config("reference_wan")
+    assert cfg["unet_config"] == rm.WAN_UNET_CONFIG and cfg["classes"] == rm.HELD_OUT_CLASSES
+    assert not set(rm.HELD_OUT_CLASSES) & set(rm.CLASSES)
+    assert len(patcher.model.diffusion_model.blocks) == 6
+    assert rm.model_files("reference_wan")[0].stat().st_size <= 20 * 2**20
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("name,least", [("reference", 0.6), ("reference_wan", 0.5)])
+def test_reference_model_samples_look_like_their_training_class(spec_nodes, name, least):
     """Sampled through ComfyUI's real sampler, each sample's statistics are nearest to the
     real crops of its own class far more often than chance (1/8)."""
     skimage = require("skimage")  # the training photographs ship with scikit-image
     del skimage
     from devkit import reference_model as rm
-    photos = rm.load_photos()
+    photos = rm.load_photos(name)
     g = torch.Generator().manual_seed(5)
-    k = len(rm.CLASSES)
+    k = len(rm.MODELS[name]["classes"])
     real = torch.cat([_descriptor(rm.random_crops(photos, torch.full((32,), c), g)) for c in range(k)])
     mu, sd = real.mean(0), real.std(0)
     centroids = ((real - mu) / sd).reshape(k, 32, -1).mean(1)
     labels = [c for c in range(k) for _ in range(2)]
-    images = rm.sample(rm.load_reference(), labels, [900 + i for i in range(len(labels))])
+    images = rm.sample(rm.load_reference(name), labels, [900 + i for i in range(len(labels))], name=name)
     assert images.shape == (16, 1, 128, 128) and images.min() >= 0 and images.max() <= 1
     nearest = torch.cdist((_descriptor(images) - mu) / sd, centroids).argmin(1)
     accuracy = (nearest == torch.tensor(labels)).double().mean().item()
-    assert accuracy >= 0.6, (nearest.tolist(), labels)
+    assert accuracy >= least, (nearest.tolist(), labels)
 
 
 @pytest.mark.comfy
