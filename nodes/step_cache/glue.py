@@ -142,6 +142,20 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
                 ctx.run.begin_evaluation(sigma, step)
         except Exception as e:
             guard.give_up(ctx, "evaluation start", e)
+        if not ctx.run.closed:
+            if ctx.guidance is not None:
+                return guard.cached_call(ctx, executor, args, kwargs, lambda ex, a, kw: cond_only.calc_cond_batch(
+                    ctx, _one_outcome(ctx, _answer_forecast(ctx, ex)), a, kw))
+            return _one_outcome(ctx, _answer_forecast(ctx, executor))(*args, **kwargs)
+    return executor(*args, **kwargs)
+
+
+def _answer_forecast(ctx, executor):
+    """``executor`` (the sampler's batch function), with a lookback forecast step answered before
+    ComfyUI prepares the call where served_forecast can (the same outputs; its preparation and a
+    ControlNet's network are skipped). An error of ours ends the cache for the run and the call
+    runs."""
+    def call(*args, **kwargs):
         if not ctx.run.closed and ctx.run.decision is not None and ctx.run.decision.forecast:
             try:
                 served = served_forecast.serve(ctx, args, kwargs, _OWN_MODEL_WRAPPERS)
@@ -152,12 +166,8 @@ def calc_cond_batch_wrapper(executor, *args, **kwargs):
                 served = None
             if served is not None:
                 return served
-        if not ctx.run.closed:
-            if ctx.guidance is not None:
-                return guard.cached_call(ctx, executor, args, kwargs,
-                                         lambda ex, a, kw: cond_only.calc_cond_batch(ctx, _one_outcome(ctx, ex), a, kw))
-            return _one_outcome(ctx, executor)(*args, **kwargs)
-    return executor(*args, **kwargs)
+        return executor(*args, **kwargs)
+    return call
 
 
 def _one_outcome(ctx, executor):

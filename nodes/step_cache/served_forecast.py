@@ -8,7 +8,9 @@ timestep embedding's inputs. On the 19-block reference model that preparation wa
 what a forecast step cost (4.7 % of a model step in all). Here the step is answered before any of it:
 for each cond, the forecast of its stream turned into the denoised output exactly as ComfyUI's
 ``BaseModel._apply_model`` and ``_calc_cond_batch`` would have (the same operations on the same
-rows, so the picture is bit-identical to serving it inside the call).
+rows, so the picture is bit-identical to serving it inside the call). With cond-only steps planned
+(cond_only.py) the served outputs take the same treatment as the call's (uncond from the difference
+measured last).
 
 Only the plain case is served here; anything that could make ComfyUI's result differ from the
 forecast alone falls back to the call (``None``): a cond with an area, a mask, a strength, a time
@@ -72,7 +74,7 @@ def serve(ctx, args, kwargs, ours) -> list | None:
     APPLY_MODEL / DIFFUSION_MODEL wrappers."""
     run = ctx.run
     decision = run.decision
-    if (decision is None or not decision.forecast or not run.config.looks_back or ctx.guidance is not None
+    if (decision is None or not decision.forecast or not run.config.looks_back
             or ctx.adapter.apply_model_level or ctx.nested_latent or not ctx.diffusion_model_seen
             or run.agreement.active or kwargs or len(args) != 5):
         return None
@@ -99,7 +101,6 @@ def serve(ctx, args, kwargs, ours) -> list | None:
             return None
         outputs.append(model.model_sampling.calculate_denoised(sigma, pred.float(), x_in))
     # booked as the call would have been: one chunk of every stream, forecast
-    run.begin_call()
     chunk = run.chunk(uuids, len(uuids) * x_in.shape[0], 1.0, weights)
     chunk.finish(FORECAST)
     # _calc_cond_batch's accumulation for a cond of mult 1: (0 + d * 1) / (1e-37 + 1) == d

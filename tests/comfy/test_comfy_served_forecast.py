@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import simple
+from conftest import options, simple
 from test_comfy_robustness import _reference_controlnet
 
 pytestmark = pytest.mark.comfy
@@ -104,3 +104,19 @@ def test_a_cond_that_shapes_its_output_goes_through_the_call(spec_nodes, stats_l
         s = stats_log[-1]
         assert s["forecast"] >= 4 and not s["internal_error"], extra
         assert len(prepared_calls) >= 28, extra           # forecast steps prepared too
+
+
+def test_a_planned_target_with_a_cond_only_step_is_served_too(spec_nodes, stats_log, prepared_calls):
+    """6x on 28 steps with CFG: the planned calls and the cond-only step reach ComfyUI, the forecast
+    steps do not, and the picture (uncond derived where the plan says) is the one through the call."""
+    from devkit import reference_model as rm
+    model = rm.load_reference()
+    patched = simple(spec_nodes, model, mode="speed_target", options=options(spec_nodes, target_speedup=6.0))
+    served = rm.sample(patched, [1], [1000], steps=28)
+    s = stats_log[-1]
+    assert s["target_schedule"] == "planned" and s["cond_only_steps"] and not s["internal_error"], s
+    assert len(prepared_calls) == len(s["planned_steps"]) + len(s["cond_only_steps"])
+    del prepared_calls[:]
+    through_call = rm.sample(_with_foreign_wrapper(patched), [1], [1000], steps=28)
+    assert len(prepared_calls) == 28 and torch.equal(served, through_call)
+    assert stats_log[-1]["timeline"] == s["timeline"]
