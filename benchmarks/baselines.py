@@ -75,13 +75,14 @@ class FirstBlockPatch:
         if st.skip:
             if first:
                 res = st.rest[st.chunk][stage]
-                return {t: args[t] + res[t] for t in tensors}
+                return {t: args[t] + res[t] for t in res}
             return {t: args[t] for t in tensors}
         if first:
             st.stage_in = {t: args[t].clone() for t in tensors}
         out = run()
         if last:
-            st.rest.setdefault(st.chunk, {})[stage] = {t: out[t] - st.stage_in[t] for t in tensors}
+            # (Wan's blocks return the image tokens only: the text is not changed by them)
+            st.rest.setdefault(st.chunk, {})[stage] = {t: out[t] - st.stage_in[t] for t in tensors if t in out}
             st.nbytes()
         return out
 

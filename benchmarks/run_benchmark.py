@@ -522,7 +522,14 @@ def held_out_grid(plan=None) -> list[Method]:
     LazyCache."""
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
     from .baselines import apply_fbcache
+    recipe = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.recipe")
     grid = slider_grid(plan)
+    # the slider as it was before its tolerance counted the run's own error (an absolute tolerance,
+    # which the Options node's threshold still sets)
+    for speed in (0.1, 0.3, 0.5, 0.7):
+        absolute = recipe.speed_to_threshold(speed, recipe.LOOKBACK_THRESHOLD)
+        grid.append(Method("speca", {"acceptance": "lookback", "speed": speed, "tolerance": "absolute (before)"},
+                           main_node(speed=speed, options={"threshold": absolute})))
     grid.append(Method("speca", {"mode": "probe", "speed": 0.5}, main_node(mode="probe")))
     for target in (2.0, 3.0, 4.0, 5.0):
         grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
@@ -550,8 +557,19 @@ def held_out_grid(plan=None) -> list[Method]:
     return grid
 
 
+def cost_grid(plan=None) -> list[Method]:
+    """What a forecast step costs in wall clock: the defaults and the 4x and 6x targets, to time with
+    more pairs (``--timing-samples 8``) and hold against 1/compute."""
+    grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
+    for target in (4.0, 6.0):
+        grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
+                           main_node(mode="speed_target", options={"target_speedup": target})))
+    return grid
+
+
 GRIDS = {"focus": focus_grid, "tokens": tokens_grid, "beyond": beyond_grid, "spectrum": spectrum_grid,
-         "few_steps": few_steps_grid, "slider": slider_grid, "held_out": held_out_grid}
+         "few_steps": few_steps_grid, "slider": slider_grid, "held_out": held_out_grid,
+         "cost": cost_grid}
 
 
 def reproduce(path: Path, grid_name: str, model: str, only=(), log=print) -> int:
@@ -654,7 +672,8 @@ def main(argv=None) -> int:
                          "tokens: SpecDiff's token tiers against SpeCa, ClusCa and TaylorSeer; "
                          "beyond: speed targets above 5x against TaylorSeer; spectrum: Spectrum at a fixed "
                          "interval and at the node's planned schedules against the node; few_steps: for --steps 4 to 8; "
-                         "slider: auto along the speed slider; held_out: the slider, targets and every peer")
+                         "slider: auto along the speed slider; held_out: the slider, targets and every peer; "
+                         "cost: the defaults, 4x and 6x, for timing")
     ap.add_argument("--reproduce", metavar="RESULTS_JSON",
                     help="rerun the rows of a committed results file (with --grid and --model as it was made; "
                          "no timing) and say which moved")
