@@ -73,6 +73,9 @@ class CacheConfig:
     # forecast further for it.
     tolerance_unit: str = "absolute"
     run_unit_cap: float = float("inf")
+    # ... and the unit of a run of FEW_STEPS steps or fewer (policy.py), which measures too few
+    # errors to count in: a fixed error level (0: the measured unit there too).
+    few_steps_unit: float = 0.0
     # Lookback runs with an Euler sampler: at each computed step, re-estimate the forecast
     # steps since the last one by interpolation (this degree: 1 linear, 2 quadratic through
     # one more computed step) and let this step's update carry the difference (correction.py).
@@ -153,6 +156,8 @@ class CacheConfig:
         elif self.tolerance_unit == "run" and self.acceptance != "lookback":
             problems.append("tolerance_unit 'run' is measured by lookback acceptance, so it needs acceptance "
                             f"'lookback', got {self.acceptance!r}")
+        if not (self.few_steps_unit >= 0.0):
+            problems.append(f"few_steps_unit must be >= 0, got {self.few_steps_unit}")
         if not (self.run_unit_cap > 0.0):
             problems.append(f"run_unit_cap must be > 0, got {self.run_unit_cap}")
         if self.trajectory_correction not in (0, 1, 2):

@@ -178,9 +178,13 @@ class Policy:
 
     def run_unit(self) -> float | None:
         """The unit of a "run" tolerance: the geometric mean of the one-step forecast errors measured
-        so far in this run (capped at run_unit_cap), or None before the first measurement. A
+        so far in this run (capped at run_unit_cap), or None before the first measurement; with
+        FEW_STEPS steps or fewer, ``few_steps_unit`` where set (two or three measurements are too
+        few to count in, and a short run's large steps make every error large). A
         geometric mean, because the errors spread over orders of magnitude along a schedule and
         the tolerance compares them by ratio."""
+        if self.total_steps <= FEW_STEPS and self.config.few_steps_unit > 0.0:
+            return self.config.few_steps_unit
         if self._unit_count == 0:
             return None
         return min(math.exp(self._unit_log_sum / self._unit_count), self.config.run_unit_cap)

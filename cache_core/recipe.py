@@ -244,7 +244,10 @@ def _lookback_schedule(config: CacheConfig, option, chosen: dict, correction: in
     if correction and not exact:
         changes["uncorrected_threshold_scale"] = UNCORRECTED_THRESHOLD / LOOKBACK_THRESHOLD
     if not exact:
-        changes.update(tolerance_unit="run", run_unit_cap=RUN_UNIT_CAP)
+        # (at 8 steps or fewer the unit is fixed so that the tolerance is LOOKBACK_THRESHOLD's
+        # absolute one, what the slider set before it counted the run's own error)
+        changes.update(tolerance_unit="run", run_unit_cap=RUN_UNIT_CAP,
+                       few_steps_unit=LOOKBACK_THRESHOLD / RUN_TOLERANCE)
     if "order" not in chosen:
         changes["order"] = 1
     if "step_weighting" not in chosen:

@@ -86,7 +86,8 @@ def test_probe_defaults_are_the_legacy_nodes_defaults_and_auto_looks_back(spec_n
     assert auto == dataclasses.replace(legacy, acceptance="lookback", output_space="noise", order=1,
                                        step_weighting=True, threshold=auto.threshold, trajectory_correction=2,
                                        uncorrected_threshold_scale=inputs_mod.UNCORRECTED_THRESHOLD / inputs_mod.LOOKBACK_THRESHOLD,
-                                       tolerance_unit="run", run_unit_cap=inputs_mod.RUN_UNIT_CAP)
+                                       tolerance_unit="run", run_unit_cap=inputs_mod.RUN_UNIT_CAP,
+                                       few_steps_unit=inputs_mod.LOOKBACK_THRESHOLD / inputs_mod.RUN_TOLERANCE)
 
 
 def test_speed_zero_is_bit_identical(spec_nodes, flux, stats_log):

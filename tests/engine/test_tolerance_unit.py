@@ -76,3 +76,20 @@ def test_the_unit_is_capped_so_poor_forecasts_are_not_taken_for_it(core):
     base = torch.linspace(1, 2, 8).reshape(2, 4)
     stats, _ = lookback_run(core, cfg, lambda t: base * math.cos(40 * t), steps=28)
     assert stats.run_unit == 0.05 and stats.forecast <= 1
+
+
+def test_a_few_step_run_counts_in_a_fixed_unit(core):
+    """At 8 steps or fewer the few measurements are not counted in: the unit is few_steps_unit,
+    so the tolerance is the absolute one the slider gave before it counted the run's own error."""
+    cfg = core.CacheConfig(acceptance="lookback", tolerance_unit="run", threshold=4.0, few_steps_unit=0.063 / 4.0)
+    short = core.SpeculativeRun(cfg, 8)
+    assert short.policy.run_unit() == pytest.approx(0.063 / 4.0)
+    assert short.threshold(3) == pytest.approx(0.063)
+    short.policy.measure_unit(0.5)
+    assert short.policy.run_unit() == pytest.approx(0.063 / 4.0)
+    long = core.SpeculativeRun(cfg, 9)
+    assert long.policy.run_unit() is None
+    long.policy.measure_unit(0.02)
+    assert long.policy.run_unit() == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="few_steps_unit"):
+        core.CacheConfig(acceptance="lookback", tolerance_unit="run", few_steps_unit=-1.0)
