@@ -250,12 +250,12 @@ def test_a_memory_budget_steps_the_settings_down_and_says_which(spec_nodes, flux
     forget_warnings()
     unbounded = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, granularity="block",
                                                            memory_budget_mb=1 << 20).result[0]
-    tm.sample(simple(spec_nodes, flux, options=unbounded), "flux", steps=8, scale=4)
+    tm.sample(simple(spec_nodes, flux, options=unbounded), "flux", steps=10, scale=4)
     big = stats_log[-1]["cache_bytes"]
     assert big > 2 * 2**20
     opts = spec_nodes.SpeculativeCacheOptions.execute(threshold=5.0, granularity="block", memory_budget_mb=2).result[0]
     with caplog.at_level("WARNING", logger="speculative_cache"):
-        tm.sample(simple(spec_nodes, flux, options=opts), "flux", steps=8, scale=4)
+        tm.sample(simple(spec_nodes, flux, options=opts), "flux", steps=10, scale=4)
     s = stats_log[-1]
     assert s["cache_bytes"] <= 2 * 2**20 and s["forecast"] > 0 and s["mode"] == "stack"
     warning = next(r.message for r in caplog.records if "memory budget" in r.message)
