@@ -90,7 +90,9 @@ P = "[data-sc-current] "
 
 def mark_panel(page, node_type="SpeculativeCacheSimple"):
     """Mark the panel of the graph's ``node_type`` node: selectors starting with ``P`` find
-    its parts only."""
+    its parts only. Waits for the node and its panel (a busy machine draws them late)."""
+    page.wait_for_function("(type) => window.app?.graph?._nodes?.some(n => n.type === type && n.speculativeCachePanel)",
+                           arg=node_type, timeout=30_000)
     page.evaluate("""(type) => {
         document.querySelectorAll('[data-sc-current]').forEach(e => e.removeAttribute('data-sc-current'));
         const n = app.graph._nodes.find(n => n.type === type);
@@ -101,6 +103,8 @@ def load_graph(page, graph):
     """Load ``graph`` and show it from its top left corner at scale 1 (frontend 1.47 keeps the
     previous view, and hides the DOM widgets of nodes off screen)."""
     page.evaluate("async (g) => { await app.loadGraphData(g); }", graph)
+    count = len(graph.get("nodes", [])) if isinstance(graph, dict) else 0
+    page.wait_for_function("(n) => (window.app?.graph?._nodes?.length || 0) >= n", arg=count, timeout=30_000)
     page.wait_for_timeout(400)         # (1.47 sets its own view once the graph is in)
     reset_view(page)
 
