@@ -53,8 +53,9 @@ BASE_THRESHOLD = {"relative_norm": _D.threshold, "relative_change": 0.5, "relati
 LOOKBACK_THRESHOLD = 0.063
 # auto counts its tolerance in this run's own one-step forecast errors (tolerance_unit "run"), so
 # that the slider means the same horizon on every model: speed 0.5 accepts forecasts predicted to
-# be RUN_TOLERANCE times as wrong as the run's typical one-step forecast (tuned on both reference
-# models, 8 samples; the held-out Wan model was never used: docs/results.md, "Slider"). The
+# be RUN_TOLERANCE times as wrong as the run's typical one-step forecast (chosen on both reference
+# models, 8 samples, to keep their defaults' compute; the held-out Wan model was never used:
+# docs/results.md, "The speed slider on three models"). The
 # unit is capped at RUN_UNIT_CAP, an absolute error, so a model whose forecasts are all poor is
 # not forecast further for it. An Options threshold is an absolute tolerance, as before.
 RUN_TOLERANCE = 4.0
