@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_env
+from .train_reference import init_plain_weights
 
 HERE = Path(__file__).resolve().parent / "reference_unet"
 WEIGHTS = HERE / "unet_tiny.safetensors"
@@ -93,14 +94,8 @@ def train(steps: int, batch: int, lr: float, seed: int = 0):
     patcher = build()
     base = patcher.model
     dm = base.diffusion_model
+    init_plain_weights(dm, g)
     with torch.no_grad():
-        for name, p in dm.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
         dm.out[-1].weight.zero_()
     dm.train()
     ema = copy.deepcopy(dm).eval()

@@ -43,9 +43,8 @@ def init_weights(dm, g):
                 mod.bias.zero_()
 
 
-def init_wan_weights(dm, g):
-    """Wan: matrices (and the per-block modulation tables) N(0, 0.02), norms' scales 1, biases 0,
-    and the output projection zero, so the model starts by predicting nothing."""
+def init_plain_weights(dm, g):
+    """Matrices (and modulation tables) N(0, 0.02), norms' scales 1, biases 0."""
     with torch.no_grad():
         for name, p in dm.named_parameters():
             if p.ndim >= 2:
@@ -54,6 +53,13 @@ def init_wan_weights(dm, g):
                 p.fill_(1.0)
             else:
                 p.zero_()
+
+
+def init_wan_weights(dm, g):
+    """Wan: init_plain_weights, and the output projection zero, so the model starts by predicting
+    nothing."""
+    init_plain_weights(dm, g)
+    with torch.no_grad():
         dm.head.head.weight.zero_()
         dm.head.head.bias.zero_()
 
