@@ -81,13 +81,32 @@ def easy(cls, th):
                                  verbose=False).result[0]
 
 
+def taylorseer_row(n: int) -> Method:
+    """Fixed-interval TaylorSeer (order 1): one computed step every ``n``, after 3 warm-up steps."""
+    return Method("taylorseer", {"interval": n, "order": 1},
+                  ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
+                       warmup_steps=3, final_full_steps=0))
+
+
+def peer_rows(plan) -> list[Method]:
+    """The peers as users have them: a first-block cache (where the model has a block plan) and
+    ComfyUI's own EasyCache and LazyCache nodes."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from .baselines import apply_fbcache
+    rows = []
+    if plan is not None:
+        for th in (0.1, 0.2):
+            rows.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
+    for th in (0.2, 0.5):
+        rows.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
+        rows.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    return rows
+
+
 def focus_grid(plan) -> list[Method]:
     """The rows that decide the defaults: the node as dropped into a graph, SpeCa's threshold
     on both acceptance metrics, a threshold so strict that every forecast fails (the
     back-off's cost bound), the fixed-interval TaylorSeer it must beat, and the peers."""
-    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
-    from .baselines import apply_fbcache
-
     grid = [Method("none", {}, lambda m: m), Method("speca", {"defaults": True}, main_node())]
     # auto (lookback acceptance) along the speed slider
     for speed in (0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0):
@@ -110,17 +129,10 @@ def focus_grid(plan) -> list[Method]:
                            ours(metric="relative_change", threshold=th)))
     grid.append(Method("speca", {"threshold": 1e-4, "note": "every forecast fails"}, ours(threshold=1e-4)))
     for n in (2, 3, 4, 6):
-        grid.append(Method("taylorseer", {"interval": n, "order": 1},
-                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
-                                warmup_steps=3, final_full_steps=0)))
+        grid.append(taylorseer_row(n))
     grid.append(Method("reuse", {"interval": 2}, ours(preset="custom", method="reuse", max_forecast_steps=1,
                                                       warmup_steps=3, final_full_steps=0)))
-    if plan is not None:
-        for th in (0.1, 0.2):
-            grid.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
-    for th in (0.2, 0.5):
-        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
-        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    grid += peer_rows(plan)
     return grid
 
 
@@ -141,9 +153,7 @@ def beyond_grid(plan=None) -> list[Method]:
                            main_node(mode="speed_target", options={"target_speedup": target,
                                                                    "target_schedule": "adaptive"})))
     for n in (4, 6, 7, 8):
-        grid.append(Method("taylorseer", {"interval": n, "order": 1},
-                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
-                                warmup_steps=3, final_full_steps=0)))
+        grid.append(taylorseer_row(n))
     return grid
 
 
@@ -520,8 +530,6 @@ def held_out_grid(plan=None) -> list[Method]:
     (with Taylor and with Spectrum as the forecaster), the probe, and every peer: fixed-interval
     TaylorSeer and Spectrum, a first-block cache (FBCache-style) and ComfyUI's EasyCache and
     LazyCache."""
-    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
-    from .baselines import apply_fbcache
     recipe = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.recipe")
     grid = slider_grid(plan)
     # the slider as it was before its tolerance counted the run's own error (an absolute tolerance,
@@ -542,18 +550,11 @@ def held_out_grid(plan=None) -> list[Method]:
                            main_node(mode="speed_target", options={"target_speedup": target,
                                                                    "forecaster": "spectrum"})))
     for n in (2, 3, 4, 6):
-        grid.append(Method("taylorseer", {"interval": n, "order": 1},
-                           ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
-                                warmup_steps=3, final_full_steps=0)))
+        grid.append(taylorseer_row(n))
         grid.append(Method("spectrum", {"schedule": "interval", "interval": n},
                            ours(preset="custom", method="spectrum", max_forecast_steps=n - 1,
                                 warmup_steps=3, final_full_steps=0)))
-    if plan is not None:
-        for th in (0.1, 0.2):
-            grid.append(Method("fbcache", {"threshold": th}, lambda m, th=th: apply_fbcache(m, th, plan)))
-    for th in (0.2, 0.5):
-        grid.append(Method("easycache", {"reuse_threshold": th}, easy(EasyCacheNode, th)))
-        grid.append(Method("lazycache", {"reuse_threshold": th}, easy(LazyCacheNode, th)))
+    grid += peer_rows(plan)
     return grid
 
 
