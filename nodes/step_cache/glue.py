@@ -207,14 +207,16 @@ def _cached_model_call(ctx, executor, args, kwargs, to):
     ctx.diffusion_model_seen = True
     module = executor.class_obj
     if ctx.diffusion_model is None:
-        ctx.diffusion_model = module
-        if ctx.run.config.block_level and ctx.stack_ok:
-            ctx.blockwise = blockwise.supports(module)
-            if ctx.blockwise:
-                ctx.run.stats.mode = "block"
-            else:
-                warn_once(f"Speculative Cache: block granularity is not available for "
-                          f"{type(module).__name__}; using stack granularity.")
+        with ctx.first_call:    # (another device's thread reads ctx.blockwise once the model is set)
+            if ctx.diffusion_model is None:
+                if ctx.run.config.block_level and ctx.stack_ok:
+                    ctx.blockwise = blockwise.supports(module)
+                    if ctx.blockwise:
+                        ctx.run.stats.mode = "block"
+                    else:
+                        warn_once(f"Speculative Cache: block granularity is not available for "
+                                  f"{type(module).__name__}; using stack granularity.")
+                ctx.diffusion_model = module
     if _stack_usable(ctx, to):
         return _stack_forward(ctx, executor, args, kwargs, to, ctx.serving.space)
     return _output_forward(ctx, executor, args, kwargs, to, "out", ctx.serving.space)
@@ -259,22 +261,36 @@ def apply_model_wrapper(executor, *args, **kwargs):
                 return _stack_forward(ctx, ex, a, kw, to, MODEL_SPACE)
             return _output_forward(ctx, ex, a, kw, to, "apply_out", MODEL_SPACE)
         return guard.cached_call(ctx, executor, args, kwargs, call)
-    ctx.apply_model_calls += 1
-    if ctx.apply_model_calls == 1:
-        out = executor(*args, **kwargs)
-        if not ctx.diffusion_model_seen:
-            why = ("its latent is several tensors (a nested latent)" if ctx.nested_latent
-                   else "this model has no DIFFUSION_MODEL hook")
-            warn_once(f"Speculative Cache: {why}; forecasting the model output at the APPLY_MODEL level.")
-            ctx.stack_ok = False
-            ctx.run.stats.mode = "output"
-            try:
-                _record_output(ctx, to, out, "apply_out")
-            except Exception as e:
-                guard.give_up(ctx, "model output", e)
-        return out
+    if not ctx.apply_model_learned:
+        # The first call learns whether the DIFFUSION_MODEL wrapper fires; a call of another
+        # device's thread (MultiGPU CFG Split) waits for the answer here (RunContext.first_call).
+        with ctx.first_call:
+            if not ctx.apply_model_learned:
+                try:
+                    return _learn_hook_points(ctx, executor, args, kwargs, to)
+                finally:
+                    ctx.apply_model_learned = True
+        if ctx.diffusion_model_seen:
+            return executor(*args, **kwargs)
     return guard.cached_call(ctx, executor, args, kwargs,
                              lambda ex, a, kw: _output_forward(ctx, ex, a, kw, to, "apply_out", MODEL_SPACE))
+
+
+def _learn_hook_points(ctx, executor, args, kwargs, to):
+    """The run's first APPLY_MODEL call: run it; if the DIFFUSION_MODEL wrapper did not fire
+    inside, forecast the model output at this level from now on (this call's output recorded)."""
+    out = executor(*args, **kwargs)
+    if not ctx.diffusion_model_seen:
+        why = ("its latent is several tensors (a nested latent)" if ctx.nested_latent
+               else "this model has no DIFFUSION_MODEL hook")
+        warn_once(f"Speculative Cache: {why}; forecasting the model output at the APPLY_MODEL level.")
+        ctx.stack_ok = False
+        ctx.run.stats.mode = "output"
+        try:
+            _record_output(ctx, to, out, "apply_out")
+        except Exception as e:
+            guard.give_up(ctx, "model output", e)
+    return out
 
 
 def _stream_keys(to, batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,7 +49,12 @@ class RunContext(FeatureRun):
         self.callback_seen = False
         self.stack_ok = isinstance(adapter, StackAdapter)
         self.diffusion_model_seen = False
-        self.apply_model_calls = 0
+        # The run's first model call learns where the cache sits (whether the DIFFUSION_MODEL hook
+        # fires; block or stack granularity). Under MultiGPU CFG Split another device's thread
+        # calls the model at the same time: it waits for what the first call learns
+        # (glue.apply_model_wrapper), or it would take the step at another level.
+        self.first_call = threading.RLock()
+        self.apply_model_learned = False
         self.nested_latent = False        # the diffusion model's input is several latents (a list)
         self.diffusion_model = None
         self.blockwise = False

@@ -114,6 +114,39 @@ def test_two_devices_take_the_decisions_of_one(spec_nodes, stats_log, two_device
     assert repeated["timeline"] == s["timeline"] and torch.equal(again, multi)
 
 
+
+@pytest.mark.parametrize("case", ["probe", "block granularity"])
+def test_a_device_that_calls_the_model_during_the_first_call_waits_for_what_it_learns(
+        spec_nodes, stats_log, two_devices, monkeypatch, case):
+    """The run's first model call learns where the cache sits (whether the DIFFUSION_MODEL hook
+    fires, block or stack granularity). Here the first device's first call is held up before the
+    diffusion model runs, so the other device's thread calls the model meanwhile: it must wait for
+    what the first call learns, not take the step at another level (a CI run caught it counting an
+    output-level chunk besides its blocks: compute 0.4227 where one device has 0.4167)."""
+    import time
+    import comfy.ldm.flux.model as flux_model
+    inputs = dict(CASES[case])
+    inputs["options"] = options(spec_nodes, **inputs["options"])
+    base = tiny("flux")
+    tm.sample(simple(spec_nodes, base, **inputs), "flux", steps=12)
+    alone = stats_log[-1]
+    forward, calls, lock = flux_model.Flux.forward, [], threading.Lock()
+
+    def first_call_held_up(self, *a, **k):
+        with lock:
+            calls.append(threading.current_thread().name)
+            first = len(calls) == 1
+        if first:
+            time.sleep(0.5)         # the other device's thread reaches the model meanwhile
+        return forward(self, *a, **k)
+    monkeypatch.setattr(flux_model.Flux, "forward", first_call_held_up)
+    tm.sample(simple(spec_nodes, split(base), **inputs), "flux", steps=12)
+    s = stats_log[-1]
+    assert len(set(calls[:2])) == 2, calls[:2]              # the first two calls: one per device
+    for key in ("timeline", "mode", "verified", "rejected", "compute_fraction"):
+        assert s[key] == alone[key], (key, s[key], alone[key])
+    assert not s["internal_error"]
+
 def test_a_rejection_on_one_device_recomputes_both(spec_nodes, stats_log, two_devices, monkeypatch):
     """The probe's threshold between cond's and uncond's errors at the first verified step: on
     one device the batch (both streams) is recomputed; on two, cond's forecast passes on one
