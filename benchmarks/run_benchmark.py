@@ -35,6 +35,7 @@ class Method:
     method: str
     settings: dict
     apply: object  # model -> patched model
+    prepare: object = None  # (workload, sample_one) -> None: run once before the row (a calibration)
 
 
 @dataclass
@@ -86,6 +87,14 @@ def taylorseer_row(n: int) -> Method:
     return Method("taylorseer", {"interval": n, "order": 1},
                   ours(preset="custom", method="taylorseer", order=1, max_forecast_steps=n - 1,
                        warmup_steps=3, final_full_steps=0))
+
+
+def learned_row(target: float) -> Method:
+    """The L2P-style learned linear predictor at the node's planned schedule for ``target``
+    (benchmarks/learned_predictor.py), calibrated on uncached runs of the workload at other seeds."""
+    from .learned_predictor import LearnedPredictor
+    predictor = LearnedPredictor(target)
+    return Method("l2p", predictor.settings(), predictor.apply, predictor.prepare)
 
 
 def peer_rows(plan) -> list[Method]:
@@ -308,6 +317,8 @@ def run_method(workload: Workload, method: Method, probe: Probe, images_ref=None
     from .baselines import fbcache_outer_sample
     from .metrics import MacCounter, psnr, ssim
 
+    if method.prepare is not None:
+        method.prepare(workload, lambda m, positive, negative, seed: _sample_one(workload, m, positive, negative, seed))
     probe.macs = MacCounter(probe.dm, probe.blocks)
     patched = method.apply(workload.model).clone()
     patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "bench_probe", probe.calc_cond_batch_probe)
@@ -527,9 +538,9 @@ def slider_grid(plan=None) -> list[Method]:
 
 def held_out_grid(plan=None) -> list[Method]:
     """One run on a model nothing was tuned on: the slider (slider_grid), speed targets from 2x to 8x
-    (with Taylor and with Spectrum as the forecaster), the probe, and every peer: fixed-interval
-    TaylorSeer and Spectrum, a first-block cache (FBCache-style) and ComfyUI's EasyCache and
-    LazyCache."""
+    (with Taylor and with Spectrum as the forecaster), the probe, and every peer: the L2P-style
+    learned predictor at the node's 4x, 6x and 8x schedules, fixed-interval TaylorSeer and Spectrum,
+    a first-block cache (FBCache-style) and ComfyUI's EasyCache and LazyCache."""
     recipe = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.recipe")
     grid = slider_grid(plan)
     # the slider as it was before its tolerance counted the run's own error (an absolute tolerance,
@@ -549,6 +560,8 @@ def held_out_grid(plan=None) -> list[Method]:
         grid.append(Method("spectrum", {"schedule": "planned", "target_speedup": target},
                            main_node(mode="speed_target", options={"target_speedup": target,
                                                                    "forecaster": "spectrum"})))
+    for target in (4.0, 6.0, 8.0):
+        grid.append(learned_row(target))
     for n in (2, 3, 4, 6):
         grid.append(taylorseer_row(n))
         grid.append(Method("spectrum", {"schedule": "interval", "interval": n},

@@ -63,9 +63,10 @@ import torch
 
 from devkit import comfy_env
 
+from ..learned_predictor import fit_learned_weights   # (the benchmark's L2P-style row fits the same way)
+
 STEPS = 28
 CFG = 2.0
-LEARNED_POINTS = 3
 
 
 @functools.cache
@@ -246,22 +247,6 @@ def recording_sampler(trajectories: list):
         trajectories.append(noise)
         return x
     return sample
-
-
-def fit_learned_weights(trajectories: list, computed: set, steps: int, points: int = LEARNED_POINTS) -> dict:
-    """For each step not in ``computed`` after the second computed one: the least-squares
-    weights of the noise at the (up to) ``points`` computed steps before it that best give its
-    noise, over every element of the calibration runs. {step: (source steps, weights)}."""
-    order = sorted(computed)
-    weights = {}
-    for j in range(steps):
-        sources = [c for c in order if c < j][-points:]
-        if j in computed or len(sources) < 2:
-            continue
-        a = torch.cat([torch.stack([t[c].flatten() for c in sources], 1) for t in trajectories]).double()
-        b = torch.cat([t[j].flatten() for t in trajectories]).double().unsqueeze(1)
-        weights[j] = (sources, torch.linalg.lstsq(a, b).solution.squeeze(1).tolist())
-    return weights
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,9 @@ def test_lookback_on_the_reference_model(spec_nodes, stats_log):
         assert not s["internal_error"]
     assert rm.psnr(images, uncached) > 38
     del images
-    assert live_tensor_count() == before
+    # nothing of the run stays alive (a CI run once counted 19 tensors fewer after it than before:
+    # something else let older tensors go; only growth is a leak)
+    assert live_tensor_count() <= before
     strict = simple(spec_nodes, model, options=options(spec_nodes, threshold=1e-9))
     assert torch.equal(rm.sample(strict, labels, seeds, steps=28), uncached)
     s = stats_log[-1]

@@ -297,3 +297,46 @@ def test_forecast_lab_gives_the_engines_picture_at_the_engines_schedule(spec_nod
     derived = rm.sample(model, labels, seeds, sampler=lab.lab_sampler(every, "noise", 0, uncond_computed=computed,
                                                                       uncond_from_difference=True))
     assert 20 < rm.psnr(derived, uncached) < 60 and not torch.equal(derived, apart)
+
+
+@pytest.mark.comfy
+def test_the_l2p_row_runs_the_model_at_its_schedule_and_its_learned_weights_beat_a_reuse(spec_nodes):
+    """benchmarks.learned_predictor (the L2P-style peer): calibration runs compute every step; the
+    row computes exactly the planned steps of each picture (compute = calls / steps, as the MAC
+    count of the benchmark sees it); the fitted weights give the calibration runs' forecast steps
+    more closely than reusing the last computed step, and the row's pictures keep more of the
+    uncached ones than that reuse at the same schedule (4 pictures, 12 steps, 6-block model:
+    31.2 against 29.4 dB)."""
+    from benchmarks import learned_predictor as lp
+    from benchmarks import run_benchmark as rb
+    workload = rb.reference_workload(4, 12, 2.0, "reference")
+    probe = rb.Probe(workload)
+    base, uncached = rb.run_method(workload, rb.Method("none", {}, lambda m: m), probe)
+    predictor = lp.LearnedPredictor(3.0, calibration=2)
+    row, images = rb.run_method(workload, rb.Method("l2p", predictor.settings(), predictor.apply,
+                                                    predictor.prepare), probe, uncached)
+    wrapper = predictor.wrapper
+    schedule = sorted(wrapper.schedule)
+    assert len(schedule) == 4 and schedule[0] == 0 and schedule[-1] == 11
+    assert wrapper.calls == schedule * 4                   # four pictures, the planned steps each
+    assert sorted(wrapper.weights) == [j for j in range(12) if j not in wrapper.schedule]
+    assert row["macs"] / base["macs"] == pytest.approx(4 / 12, abs=1e-9)
+    calibration = [runs for key, runs in lp._CALIBRATIONS.items() if key[0] == id(workload.model)][0]
+    assert len(calibration) == 2 and all(len(run) == 12 for run in calibration)
+    for j, (sources, weights) in wrapper.weights.items():      # (least squares over both runs)
+        learned = sum(((sum(w * run[c] for w, c in zip(weights, sources)) - run[j]) ** 2).sum() for run in calibration)
+        reused = sum(((run[sources[-1]] - run[j]) ** 2).sum() for run in calibration)
+        assert learned < reused, (j, learned, reused)
+    # the same schedule, each forecast step the last computed step's noise again
+    reuse = lp._StepWrapper(wrapper.sigmas, wrapper.schedule,
+                            {j: ([sources[-1]], [1.0]) for j, (sources, _) in wrapper.weights.items()})
+    reused, _ = rb.run_method(workload, rb.Method("reuse", {}, lambda m: _installed(m, reuse)), probe, uncached)
+    assert reuse.calls == schedule * 4
+    assert 20 < row["psnr_db"] < 80
+    assert row["psnr_db"] > reused["psnr_db"] + 1.0, (row["psnr_db"], reused["psnr_db"])
+
+
+def _installed(model, wrapper):
+    m = model.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
