@@ -1,0 +1,116 @@
+"""What each kind of step costs in wall clock: the node's runs timed step by step.
+
+    .venv/bin/python -m benchmarks.lab.step_cost --model reference_deep --samples 4 --out reference_deep_step_cost
+
+Whole-run timing (run_benchmark's ``cost`` grid) mixes every cost into one ratio and, on a shared
+2-core VM, moves by 0.05-0.1 between runs of the same rows. Here each step of a sampling run is timed
+from the sampler's callback to the next (ComfyUI's real euler sampler, 28 steps, cfg 2) and sorted by
+what the node did there (its timeline: C computed, F forecast; cond-only steps apart). A forecast
+or cond-only step's whole time is its cost (the sampler's own step included), over the median step
+of the uncached run it is paired with (each sample runs uncached, then every row, back to back); a
+computed step is compared with the same step of that uncached run, so its extra cost is a
+difference of two timings and as noisy as the machine. Rows: the defaults and the 4x and 6x targets.
+Writes benchmarks/results/<out>.json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from devkit import comfy_env
+
+from ..run_benchmark import RESULTS, main_node
+
+STEPS = 28
+CFG = 2.0
+ROWS = {"defaults": {}, "4x": {"mode": "speed_target", "options": {"target_speedup": 4.0}},
+        "6x": {"mode": "speed_target", "options": {"target_speedup": 6.0}}}
+
+
+def timed_run(patcher, name: str, label: int, seed: int) -> tuple[list, float]:
+    """(seconds of each step, seconds of the whole run) of one sampling run."""
+    import comfy.sample
+    from devkit import reference_model as rm
+    ticks = []
+    latent = comfy.sample.fix_empty_latent_channels(patcher, torch.zeros(rm.latent_shape(name)))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    start = time.perf_counter()
+    comfy.sample.sample(patcher, noise, STEPS, CFG, "euler", "simple", rm.conditioning(label),
+                        rm.conditioning(rm.NULL_CLASS), latent, disable_pbar=True, seed=seed,
+                        callback=lambda *_: ticks.append(time.perf_counter()))
+    total = time.perf_counter() - start
+    return [b - a for a, b in zip([start] + ticks[:-1], ticks)], total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference_deep")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--out", help="results name (benchmarks/results/<out>.json)")
+    args = ap.parse_args(argv)
+    comfy_env.setup_comfyui()
+    comfy_env.pack_nodes()
+    from devkit import reference_model as rm
+    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
+    finals = []
+    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and finals.append(s))
+    model = rm.load_reference(args.model)
+    patched = {row: main_node(**inputs)(model) for row, inputs in ROWS.items()}
+    classes = len(rm.MODELS[args.model]["classes"])
+    samples = [(i % classes, 1000 + i) for i in range(args.samples)]
+    for p in [model, *patched.values()]:        # warm-up: lazy allocations, first-call paths
+        timed_run(p, args.model, *samples[0])
+    # each sample: the uncached run, then every row's, back to back, so that a slow spell of the
+    # machine falls on the pair (this VM's model step moved between 50 and 95 ms within minutes)
+    uncached, runs = [], {row: [] for row in patched}
+    for sample in samples:
+        uncached.append(timed_run(model, args.model, *sample))
+        for row, p in patched.items():
+            steps, total = timed_run(p, args.model, *sample)
+            runs[row].append((steps, total, finals[-1]))
+    model_step = statistics.median(t for steps, _ in uncached for t in steps)
+    result = {"model": args.model, "steps": STEPS, "cfg": CFG, "samples": args.samples,
+              "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()),
+              "uncached_step_ms": round(model_step * 1000, 2), "rows": {}}
+    print(f"uncached: median step {model_step * 1000:.1f} ms")
+    for row in patched:
+        kinds: dict = {}
+        for (steps, _, s), (base_steps, _) in zip(runs[row], uncached):
+            base = statistics.median(base_steps)        # this pair's model step
+            cond_only = set(s["cond_only_steps"])
+            for i, (seconds, letter) in enumerate(zip(steps, s["timeline"])):
+                kind = "cond-only" if i in cond_only else letter
+                share = (seconds - base_steps[i]) / base if kind == "C" else seconds / base
+                kinds.setdefault(kind, []).append((seconds - base_steps[i] if kind == "C" else seconds, share))
+        compute = statistics.mean(s["compute_fraction"] for _, _, s in runs[row])
+        base_wall = sum(total for _, total in uncached)
+        wall = sum(total for _, total, _ in runs[row])
+        entry = {"timelines": [s["timeline"] for _, _, s in runs[row]], "compute_fraction": round(compute, 4),
+                 "wall_speedup": round(base_wall / wall, 3),
+                 "wall_over_inverse_compute": round(base_wall / wall * compute, 3), "steps": {}}
+        print(f"{row}: compute {compute:.3f} (mean of the samples), wall {entry['wall_speedup']:.2f}x = "
+              f"{entry['wall_over_inverse_compute']:.3f} of 1/compute")
+        for kind, values in kinds.items():
+            ms = statistics.median(v[0] for v in values) * 1000
+            share = statistics.median(v[1] for v in values)
+            what = "extra over the uncached step" if kind == "C" else "whole step"
+            entry["steps"][kind] = {"count": len(values) // args.samples, "median_ms": round(ms, 3),
+                                    "share_of_a_model_step": round(share, 4), "measures": what}
+            print(f"   {kind}: {len(values) // args.samples} per run, {what} {ms:.2f} ms "
+                  f"= {100 * share:.1f} % of a model step (of its pair)")
+        result["rows"][row] = entry
+    if args.out:
+        path = RESULTS / f"{args.out}.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
