@@ -23,7 +23,7 @@ from devkit import comfy_env
 
 POINTS = 3            # computed steps a forecast combines
 CALIBRATION_RUNS = 8  # uncached runs the weights are fitted to
-_CALIBRATIONS: dict = {}   # (model, steps, sampler, scheduler, cfg, runs) -> trajectories
+_CALIBRATIONS: dict = {}   # (model, steps, sampler, scheduler, cfg, runs, workload) -> trajectories
 
 
 def fit_learned_weights(trajectories: list, computed: set, steps: int, points: int = POINTS,
@@ -110,7 +110,7 @@ class LearnedPredictor:
         steps = workload.steps
         schedule = set(target.plan_schedule(sigmas, target.planned_calls(steps, self.target_speedup),
                                             forced=[steps - 1]))
-        key = (id(model), steps, workload.sampler, workload.scheduler, workload.cfg, self.calibration)
+        key = (id(model), steps, workload.sampler, workload.scheduler, workload.cfg, self.calibration, workload.name)
         if key not in _CALIBRATIONS:
             trajectories = []
             for i in range(self.calibration):
