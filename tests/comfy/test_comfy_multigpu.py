@@ -114,7 +114,6 @@ def test_two_devices_take_the_decisions_of_one(spec_nodes, stats_log, two_device
     assert repeated["timeline"] == s["timeline"] and torch.equal(again, multi)
 
 
-
 @pytest.mark.parametrize("case", ["probe", "block granularity"])
 def test_a_device_that_calls_the_model_during_the_first_call_waits_for_what_it_learns(
         spec_nodes, stats_log, two_devices, monkeypatch, case):
@@ -146,6 +145,7 @@ def test_a_device_that_calls_the_model_during_the_first_call_waits_for_what_it_l
     for key in ("timeline", "mode", "verified", "rejected", "compute_fraction"):
         assert s[key] == alone[key], (key, s[key], alone[key])
     assert not s["internal_error"]
+
 
 def test_a_rejection_on_one_device_recomputes_both(spec_nodes, stats_log, two_devices, monkeypatch):
     """The probe's threshold between cond's and uncond's errors at the first verified step: on
