@@ -225,7 +225,7 @@ def test_a_planned_target_runs_cond_only_steps_through_comfyui(spec_nodes, stats
     before = live_tensor_count()
     rm.sample(patched, labels[:1], seeds[:1])
     guidance.clear()
-    assert live_tensor_count() == before
+    assert live_tensor_count() <= before      # (only growth is a leak)
     rm.sample(patched, labels[:1], seeds[:1], cfg=1.0)
     s = stats_log[-1]
     assert s["cond_only_steps"] == [] and len(s["planned_steps"]) == 5 and not s["internal_error"]
