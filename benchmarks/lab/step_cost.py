@@ -86,8 +86,8 @@ def main(argv=None) -> int:
             cond_only = set(s["cond_only_steps"])
             for i, (seconds, letter) in enumerate(zip(steps, s["timeline"])):
                 kind = "cond-only" if i in cond_only else letter
-                share = (seconds - base_steps[i]) / base if kind == "C" else seconds / base
-                kinds.setdefault(kind, []).append((seconds - base_steps[i] if kind == "C" else seconds, share))
+                cost = seconds - base_steps[i] if kind == "C" else seconds    # C: extra over the uncached step
+                kinds.setdefault(kind, []).append((cost, cost / base))
         compute = statistics.mean(s["compute_fraction"] for _, _, s in runs[row])
         base_wall = sum(total for _, total in uncached)
         wall = sum(total for _, total, _ in runs[row])
