@@ -153,7 +153,7 @@ def beyond_grid(plan=None) -> list[Method]:
     for target in (4.0, 5.0):
         grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
                            main_node(mode="speed_target", speed=(target - 1.0) / 4.0)))
-    for target in (6.0, 7.0, 8.0):
+    for target in (6.0, 7.0, 8.0, 10.0):
         grid.append(Method("speca", {"mode": "speed_target", "target_speedup": target},
                            main_node(mode="speed_target", options={"target_speedup": target})))
     for target in (5.0, 7.0):        # the threshold loop placing the calls (before planning)
@@ -283,12 +283,15 @@ def _tensor_bytes(obj, depth=0) -> int:
     return 0
 
 
-def _sample_one(workload, patched, positive, negative, seed):
+def _sample_one(workload, patched, positive, negative, seed, callback=None):
+    """One picture of the workload through ComfyUI's sampler; ``callback``: the sampler's
+    per-step callback."""
     import comfy.sample
     latent = comfy.sample.fix_empty_latent_channels(patched, torch.zeros(workload.latent_shape))
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(patched, noise, workload.steps, workload.cfg, workload.sampler,
-                               workload.scheduler, positive, negative, latent, disable_pbar=True, seed=seed)
+                               workload.scheduler, positive, negative, latent, disable_pbar=True, seed=seed,
+                               callback=callback)
 
 
 def time_against_base(workload: Workload, method: Method, samples: int, repeats: int) -> tuple[float, float]:

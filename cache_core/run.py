@@ -100,9 +100,7 @@ class SpeculativeRun:
                       if self.config.output_space == "noise" else [])
         full, halves = planned_budget(steps, self.config.target_speedup, cond_only)
         plan = plan_schedule(sigmas, full, [*final, *outside, *unservable])
-        half = place_cond_only(plan) if halves else None
-        if half is not None:
-            self.policy.cond_only_plan = frozenset([half])
+        self.policy.cond_only_plan = frozenset(place_cond_only(plan, halves))
         self.policy.plan = frozenset(plan) | self.policy.cond_only_plan
         self.stats.planned_steps = plan
 

@@ -147,19 +147,29 @@ def _plan_costs(sigmas):
     return per_step, gap.masked_fill(k[None, :] <= k[:, None], float("inf"))
 
 
-def place_cond_only(plan) -> int | None:
-    """The step for one cond-only call among the planned full calls ``plan``: the middle of
-    the first run of forecasts. That run is forecast from one computed step (a reuse, where
-    the later runs have a line), and it costs the picture most: forecast_lab, 19-block model,
-    28 steps, the plan 0, 12, 21, 27 with every other step computed gives 26.9 dB when only
-    steps 1-11 are forecast, 37.6 and 35.3 dB for 13-20 and 22-26. A cond-only step there
-    (cond's real output, uncond's from the difference) turns the reuse into a line:
-    at steps 4, 6, 8: 30.1, 31.4, 30.8 dB; in the second run (step 17) 27.4 dB. None: no
-    room (the first two calls are adjacent)."""
-    calls = sorted(plan)
-    if len(calls) < 2 or calls[1] - calls[0] < 2:
-        return None
-    return (calls[0] + calls[1]) // 2
+def place_cond_only(plan, count: int = 1) -> list[int]:
+    """The steps for ``count`` cond-only calls among the planned full calls ``plan``. The first
+    goes to the middle of the first run of forecasts. That run is forecast from one computed step
+    (a reuse, where the later runs have a line), and it costs the picture most: forecast_lab,
+    19-block model, 28 steps, the plan 0, 12, 21, 27 with every other step computed gives 26.9 dB
+    when only steps 1-11 are forecast, 37.6 and 35.3 dB for 13-20 and 22-26. A cond-only step
+    there (cond's real output, uncond's from the difference) turns the reuse into a line:
+    at steps 4, 6, 8: 30.1, 31.4, 30.8 dB; in the second run (step 17) 27.4 dB. Each further
+    one goes to the middle of the longest run of forecasts left (the earliest of equals). The
+    budget asks for at most one (``planned_budget``); more are for the lab
+    (``benchmarks/lab/budget_trade.py``). Fewer than ``count`` where there is no room: none
+    when the first two calls are adjacent."""
+    calls = sorted(set(plan))
+    if len(calls) < 2 or calls[1] - calls[0] < 2 or count < 1:
+        return []
+    placed = [(calls[0] + calls[1]) // 2]
+    while len(placed) < count:
+        taken = sorted(set(calls) | set(placed))
+        gap, start = max(((b - a, -a) for a, b in zip(taken, taken[1:])), default=(0, 0))
+        if gap < 2:
+            break
+        placed.append(-start + gap // 2)
+    return sorted(placed)
 
 
 def plan_schedule(sigmas, calls: int, forced=()) -> list[int]:

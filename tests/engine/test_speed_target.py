@@ -66,8 +66,13 @@ def test_plan_schedule_spends_exactly_its_calls_where_the_steps_are_big(core):
                                                                (28, 7.0), (28, 4.0), (50, 4.0), (4, 20.0))]
     assert budgets == [(4, 1), (5, 1), (3, 1), (8, 0), (4, 0), (7, 0), (12, 0), (2, 0)]
     assert target.planned_budget(28, 6.0, False) == (5, 0)
-    assert target.place_cond_only([0, 12, 21, 27]) == 6 and target.place_cond_only([27, 0, 9]) == 4
-    assert target.place_cond_only([0, 1, 9]) is None and target.place_cond_only([0]) is None
+    assert target.place_cond_only([0, 12, 21, 27]) == [6] and target.place_cond_only([27, 0, 9]) == [4]
+    assert target.place_cond_only([0, 1, 9]) == [] and target.place_cond_only([0]) == []
+    assert target.place_cond_only([0, 12, 21, 27], 0) == []
+    # further ones: the middle of the longest run of forecasts left, the earliest of equals
+    assert target.place_cond_only([0, 22, 38, 49], 2) == [11, 30]
+    assert target.place_cond_only([0, 27], 3) == [6, 13, 20]
+    assert target.place_cond_only([0, 3, 5], 4) == [1, 2, 4]      # no room for a fourth
 
 
 def test_a_planned_target_computes_its_plan_and_nothing_else(core):
