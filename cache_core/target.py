@@ -165,10 +165,11 @@ def place_cond_only(plan, count: int = 1) -> list[int]:
     placed = [(calls[0] + calls[1]) // 2]
     while len(placed) < count:
         taken = sorted(set(calls) | set(placed))
-        gap, start = max(((b - a, -a) for a, b in zip(taken, taken[1:])), default=(0, 0))
-        if gap < 2:
+        # the longest run of forecasts between two calls, the earliest of equals
+        length, start = max(((b - a, a) for a, b in zip(taken, taken[1:])), key=lambda run: (run[0], -run[1]))
+        if length < 2:
             break
-        placed.append(-start + gap // 2)
+        placed.append(start + length // 2)
     return sorted(placed)
 
 
