@@ -17,13 +17,11 @@ the uncached run; ``--out`` writes benchmarks/results/<out>.json."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 
 from devkit import comfy_env
 
-from ..run_benchmark import RESULTS, Method, Probe, main_node, reference_workload, run_method
+from .node_runs import load_pack, pack_module, target_run, uncached_reference, write_result
 
 
 def main(argv=None) -> int:
@@ -33,48 +31,32 @@ def main(argv=None) -> int:
     ap.add_argument("--trade", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", help="results name (benchmarks/results/<out>.json)")
     args = ap.parse_args(argv)
-    comfy_env.setup_comfyui()
-    comfy_env.pack_nodes()
-    run_module = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.run")
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
-    finals = []
-    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and finals.append(s))
+    finals = load_pack()
+    run_module = pack_module("cache_core.run")
     node_budget = run_module.planned_budget
     rows = []
-    try:
-        for case in args.case:
-            model, steps, target = case.split(":")
-            steps, target = int(steps), float(target)
-            workload = reference_workload(args.samples, steps, 2.0, model)
-            probe = Probe(workload)
-            base, reference = run_method(workload, Method("none", {}, lambda m: m), probe)
-            for trade in args.trade:
-                def traded(total_steps, target_speedup, cond_only, trade=trade):
-                    full, halves = node_budget(total_steps, target_speedup, cond_only)
-                    n = min(trade, full - 2) if cond_only else 0    # keep the first and the last step
-                    return full - n, halves + 2 * n
-                run_module.planned_budget = traded
-                method = Method("speca", {"mode": "speed_target", "target_speedup": target, "trade": trade},
-                                main_node(mode="speed_target", options={"target_speedup": target}))
-                row, _ = run_method(workload, method, probe, reference)
+    for case in args.case:
+        model, steps, target = case.split(":")
+        steps, target = int(steps), float(target)
+        reference = uncached_reference(model, args.samples, steps)
+        for trade in args.trade:
+            def traded(total_steps, target_speedup, cond_only, trade=trade):
+                full, halves = node_budget(total_steps, target_speedup, cond_only)
+                n = min(trade, full - 2) if cond_only else 0    # keep the first and the last step
+                return full - n, halves + 2 * n
+            run_module.planned_budget = traded
+            try:
+                measured = target_run(target, reference, finals)
+            finally:
                 run_module.planned_budget = node_budget
-                stats = finals[-1]
-                entry = {"model": workload.name, "steps": steps, "target_speedup": target, "trade": trade,
-                         "compute_fraction": round(row["macs"] / base["macs"], 4),
-                         "psnr_db": round(row["psnr_db"], 2), "planned_steps": stats["planned_steps"],
-                         "cond_only_steps": stats["cond_only_steps"]}
-                rows.append(entry)
-                print(f"{model} {steps} steps, {target:g}x, {trade} traded: compute "
-                      f"{entry['compute_fraction']:.4f}, PSNR {entry['psnr_db']:.2f} dB, calls "
-                      f"{entry['planned_steps']}, cond-only {entry['cond_only_steps']}", flush=True)
-    finally:
-        run_module.planned_budget = node_budget
-    if args.out:
-        result = {"samples": args.samples, "cfg": 2.0, "sampler": "euler", "scheduler": "simple",
-                  "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()), "rows": rows}
-        path = RESULTS / f"{args.out}.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+            entry = {"model": reference[0].name, "steps": steps, "target_speedup": target, "trade": trade,
+                     **measured}
+            rows.append(entry)
+            print(f"{model} {steps} steps, {target:g}x, {trade} traded: compute "
+                  f"{entry['compute_fraction']:.4f}, PSNR {entry['psnr_db']:.2f} dB, calls "
+                  f"{entry['planned_steps']}, cond-only {entry['cond_only_steps']}", flush=True)
+    write_result(args.out, {"samples": args.samples, "cfg": 2.0, "sampler": "euler", "scheduler": "simple",
+                            "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()), "rows": rows})
     return 0
 
 

@@ -14,13 +14,11 @@ benchmarks/results/<out>.json) compute, PSNR and the planned calls."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 
 from devkit import comfy_env
 
-from ..run_benchmark import RESULTS, Method, Probe, main_node, reference_workload, run_method
+from .node_runs import load_pack, pack_module, target_run, uncached_reference, write_result
 
 
 def main(argv=None) -> int:
@@ -32,44 +30,28 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--out", help="results name (benchmarks/results/<out>.json)")
     args = ap.parse_args(argv)
-    comfy_env.setup_comfyui()
-    comfy_env.pack_nodes()
-    target_module = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.target")
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
-    finals = []
-    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and finals.append(s))
+    finals = load_pack()
+    target_module = pack_module("cache_core.target")
     fitted = target_module.PLAN_SIZE_EXPONENT, target_module.PLAN_GROWTH_EXPONENT
     rows = []
     try:
         for model in args.models:
-            workload = reference_workload(args.samples, args.steps, 2.0, model)
-            probe = Probe(workload)
-            base, reference = run_method(workload, Method("none", {}, lambda m: m), probe)
+            reference = uncached_reference(model, args.samples, args.steps)
             for target in args.targets:
                 for pair in args.exponents:
                     size, growth = (float(x) for x in pair.split(":"))
                     target_module.PLAN_SIZE_EXPONENT, target_module.PLAN_GROWTH_EXPONENT = size, growth
-                    method = Method("speca", {"mode": "speed_target", "target_speedup": target},
-                                    main_node(mode="speed_target", options={"target_speedup": target}))
-                    row, _ = run_method(workload, method, probe, reference)
-                    stats = finals[-1]
-                    entry = {"model": workload.name, "target_speedup": target, "size_exponent": size,
-                             "growth_exponent": growth, "compute_fraction": round(row["macs"] / base["macs"], 4),
-                             "psnr_db": round(row["psnr_db"], 2), "planned_steps": stats["planned_steps"],
-                             "cond_only_steps": stats["cond_only_steps"]}
+                    entry = {"model": reference[0].name, "target_speedup": target, "size_exponent": size,
+                             "growth_exponent": growth, **target_run(target, reference, finals)}
                     rows.append(entry)
                     print(f"{model} {target:g}x, SIZE {size:g} GROWTH {growth:g}: compute "
                           f"{entry['compute_fraction']:.4f}, PSNR {entry['psnr_db']:.2f} dB, calls "
                           f"{entry['planned_steps']} + cond-only {entry['cond_only_steps']}", flush=True)
     finally:
         target_module.PLAN_SIZE_EXPONENT, target_module.PLAN_GROWTH_EXPONENT = fitted
-    if args.out:
-        result = {"steps": args.steps, "samples": args.samples, "cfg": 2.0, "sampler": "euler",
-                  "scheduler": "simple", "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()),
-                  "fitted": {"size_exponent": fitted[0], "growth_exponent": fitted[1]}, "rows": rows}
-        path = RESULTS / f"{args.out}.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_result(args.out, {"steps": args.steps, "samples": args.samples, "cfg": 2.0, "sampler": "euler",
+                            "scheduler": "simple", "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()),
+                            "fitted": {"size_exponent": fitted[0], "growth_exponent": fitted[1]}, "rows": rows})
     return 0
 
 

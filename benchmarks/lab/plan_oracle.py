@@ -16,14 +16,12 @@ PSNR against the uncached run."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
-import json
 import sys
 
 from devkit import comfy_env
 
-from ..run_benchmark import RESULTS, Method, Probe, main_node, reference_workload, run_method
+from .node_runs import load_pack, pack_module, target_run, uncached_reference, write_result
 
 
 def main(argv=None) -> int:
@@ -36,37 +34,23 @@ def main(argv=None) -> int:
     ap.add_argument("--confirm", type=int, default=5)
     ap.add_argument("--out", help="results name (benchmarks/results/<out>.json)")
     args = ap.parse_args(argv)
-    comfy_env.setup_comfyui()
-    comfy_env.pack_nodes()
-    run_module = importlib.import_module(f"{comfy_env.PACK_MODULE}.cache_core.run")
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
-    finals = []
-    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and finals.append(s))
+    finals = load_pack()
+    run_module = pack_module("cache_core.run")
     node_plan = run_module.plan_schedule
-    method = Method("speca", {"mode": "speed_target", "target_speedup": args.target},
-                    main_node(mode="speed_target", options={"target_speedup": args.target}))
 
-    def measure(workload, probe, base, reference, plan=None):
+    def measure(reference, plan=None):
         """(compute, PSNR, the full calls, the cond-only steps) of the node's target run, with
         ``plan`` in place of its planner's choice of full calls (None: the node as it is)."""
         if plan is not None:
             run_module.plan_schedule = lambda sigmas, calls, forced=(): sorted(plan)
         try:
-            row, _ = run_method(workload, method, probe, reference)
+            run = target_run(args.target, reference, finals)
         finally:
             run_module.plan_schedule = node_plan
-        stats = finals[-1]
-        return (round(row["macs"] / base["macs"], 4), round(row["psnr_db"], 2), stats["planned_steps"],
-                stats["cond_only_steps"])
+        return run["compute_fraction"], run["psnr_db"], run["planned_steps"], run["cond_only_steps"]
 
-    def setup(samples):
-        workload = reference_workload(samples, args.steps, 2.0, args.model)
-        probe = Probe(workload)
-        base, reference = run_method(workload, Method("none", {}, lambda m: m), probe)
-        return workload, probe, base, reference
-
-    screen = setup(args.screen)
-    node = measure(*screen)
+    screen = uncached_reference(args.model, args.screen, args.steps)
+    node = measure(screen)
     calls = len(node[2])
     last = args.steps - 1
     plans = [[0, *middle, last] for middle in itertools.combinations(range(1, last), calls - 2)]
@@ -74,7 +58,7 @@ def main(argv=None) -> int:
           f"{node[3]}; {len(plans)} plans of {calls} calls on {args.screen} samples", flush=True)
     swept = []
     for i, plan in enumerate(plans):
-        compute, psnr, _, halves = measure(*screen, plan)
+        compute, psnr, _, halves = measure(screen, plan)
         swept.append({"plan": plan, "cond_only_steps": halves, "compute_fraction": compute, "psnr_db": psnr})
         if (i + 1) % 25 == 0:
             best = max(swept, key=lambda r: r["psnr_db"])
@@ -82,23 +66,19 @@ def main(argv=None) -> int:
     swept.sort(key=lambda r: -r["psnr_db"])
     node_screen = next(r for r in swept if r["plan"] == node[2])
     rank = swept.index(node_screen) + 1
-    full = setup(args.samples)
+    full = uncached_reference(args.model, args.samples, args.steps)
     confirmed = []
     for r in [node_screen] + [r for r in swept[:args.confirm] if r is not node_screen]:
-        compute, psnr, plan, halves = measure(*full, r["plan"])
+        compute, psnr, plan, halves = measure(full, r["plan"])
         confirmed.append({"plan": plan, "cond_only_steps": halves, "compute_fraction": compute, "psnr_db": psnr,
                           "node_plan": plan == node[2], "screen_psnr_db": r["psnr_db"]})
         print(f"  {'node ' if plan == node[2] else 'best '}{plan} + cond-only {halves}: compute {compute:.4f}, "
               f"PSNR {psnr:.2f} dB on {args.samples} samples ({r['psnr_db']:.2f} on {args.screen})", flush=True)
     print(f"the node's plan ranks {rank} of {len(plans)} on {args.screen} samples", flush=True)
-    if args.out:
-        result = {"model": full[0].name, "steps": args.steps, "target_speedup": args.target, "cfg": 2.0,
-                  "screen_samples": args.screen, "samples": args.samples,
-                  "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()),
-                  "node_plan_rank": rank, "plans": len(plans), "confirmed": confirmed, "screen": swept}
-        path = RESULTS / f"{args.out}.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_result(args.out, {"model": full[0].name, "steps": args.steps, "target_speedup": args.target, "cfg": 2.0,
+                            "screen_samples": args.screen, "samples": args.samples,
+                            "comfyui": comfy_env.comfyui_version(comfy_env.find_comfyui()),
+                            "node_plan_rank": rank, "plans": len(plans), "confirmed": confirmed, "screen": swept})
     return 0
 
 

@@ -19,15 +19,14 @@ targets. Writes benchmarks/results/<out>.json."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import statistics
 import sys
 import time
 
 from devkit import comfy_env
 
-from ..run_benchmark import RESULTS, _sample_one, main_node, reference_workload
+from ..run_benchmark import _sample_one, main_node, reference_workload
+from .node_runs import load_pack, write_result
 
 STEPS = 28
 CFG = 2.0
@@ -70,11 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--out", help="results name (benchmarks/results/<out>.json)")
     args = ap.parse_args(argv)
-    comfy_env.setup_comfyui()
-    comfy_env.pack_nodes()
-    hooks = importlib.import_module(f"{comfy_env.PACK_MODULE}.nodes.step_cache.run_context")
-    finals = []
-    hooks.STEP_CACHE.listeners.append(lambda nid, s, final: final and finals.append(s))
+    finals = load_pack()
     workload = reference_workload(args.samples, STEPS, CFG, args.model)    # euler, simple
     model = workload.model
     clock = ModelClock(model.model.diffusion_model)
@@ -139,10 +134,7 @@ def main(argv=None) -> int:
             print(f"   {kind}: {len(values) // args.samples} per run, {what} {ms:.2f} ms "
                   f"= {100 * share:.1f} % of a model step (of its pair)")
         result["rows"][row] = entry
-    if args.out:
-        path = RESULTS / f"{args.out}.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_result(args.out, result)
     return 0
 
 
