@@ -156,15 +156,15 @@ class SpeculativeRun:
 
     def few_calls_note(self) -> str:
         """One line before a planned target that runs the model FEW_CALLS times or fewer in the whole
-        run, where the picture falls off: on the reference models 6x to 8x on 28 steps (4 or 5
-        calls) kept 24.6 to 31.7 dB of the uncached picture, where 8x on 50 steps (6 calls) kept 31.5
-        (docs/results.md). '' otherwise."""
+        run, where the picture falls off: on the three reference models 6x to 8x on 28 steps (4 or 5
+        calls, a cond-only call counted as one) kept 20.9 to 31.7 dB of the uncached picture, where
+        8x on 50 steps (6 calls) kept 27.4 to 31.7 (docs/nodes.md, "Speed target"). '' otherwise."""
         calls = len(self.policy.plan or ())
         if not calls or calls > FEW_CALLS:
             return ""
         steps = self.policy.total_steps
         return (f"Speculative Cache: the {self.config.target_speedup:g}x target on {steps} steps runs the model "
-                f"{calls} times in all; on the reference models runs of {FEW_CALLS} calls or fewer kept 25-32 dB of "
+                f"{calls} times in all; on the reference models runs of {FEW_CALLS} calls or fewer kept 21-32 dB of "
                 f"the uncached picture, visibly changed. More steps at the same target keep more of it.")
 
     def count(self, **increments) -> None:
