@@ -93,6 +93,12 @@ def main(argv=None) -> int:
               "uncached_outside_model_ms_per_run": round(outside_uncached * 1000, 2), "rows": {}}
     print(f"uncached: median step {model_step * 1000:.1f} ms, {outside_uncached * 1000:.1f} ms per run "
           "outside the model")
+    # the uncached runs' totals, for every row: wall clock (all samples), and per run the time
+    # inside the model and outside it
+    n = len(samples)
+    base_wall = sum(total for _, total, _ in uncached)
+    base_inside = sum(inside for _, _, inside in uncached) / n
+    base_outside = base_wall / n - base_inside
     for row in patched:
         kinds: dict = {}
         for (steps, _, s, _), (base_steps, _, _) in zip(runs[row], uncached):
@@ -103,16 +109,13 @@ def main(argv=None) -> int:
                 cost = seconds - base_steps[i] if kind == "C" else seconds    # C: extra over the uncached step
                 kinds.setdefault(kind, []).append((cost, cost / base))
         compute = statistics.mean(s["compute_fraction"] for _, _, s, _ in runs[row])
-        base_wall = sum(total for _, total, _ in uncached)
         wall = sum(total for _, total, _, _ in runs[row])
         # Where the run's time goes beyond compute x the uncached run's, per run: inside the model
         # (calls that cost more than their multiply-accumulates say, e.g. a half batch) and outside
         # it (the forecast steps, the sampler's own steps, the node's bookkeeping).
-        n = len(samples)
-        base_inside = sum(inside for _, _, inside in uncached) / n
         inside = sum(i for _, _, _, i in runs[row]) / n
         outside = wall / n - inside
-        excess_inside, excess_outside = inside - compute * base_inside, outside - compute * (base_wall / n - base_inside)
+        excess_inside, excess_outside = inside - compute * base_inside, outside - compute * base_outside
         entry = {"timelines": [s["timeline"] for _, _, s, _ in runs[row]], "compute_fraction": round(compute, 4),
                  "wall_speedup": round(base_wall / wall, 3),
                  "wall_over_inverse_compute": round(base_wall / wall * compute, 3),
